@@ -24,14 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 
 def measure(args, res: int) -> dict:
     from configs import clipa
     from crate_jax.parallel.mesh import make_mesh
     from crate_jax.train import metrics as M
-    from crate_jax.train.loop import Setup, global_batch
+    from crate_jax.train.evaluation import global_batch
+    from crate_jax.train.setup import Setup
 
     arg = (f"variant={args.variant},res={res},txt_len={args.txt_len},text={args.text},batch={args.batch},"
            f"freeze_text={not args.train_text},steps=1000,warmup=10,width={args.width},depth={args.depth},"
@@ -40,19 +40,19 @@ def measure(args, res: int) -> dict:
     config.mesh = {"data": -1, "fsdp": 1, "tensor": 1} if args.mesh == "data" else {"data": 1, "fsdp": -1, "tensor": 1}
     if args.dtype:
         config.model.image.dtype = config.model.text.dtype = args.dtype
+    if not args.train_text:  # the recipe loads a pretrained text tower; timing needs only its shapes
+        config.init.checkpoint = "(not loaded: benchmark)"
     mesh = make_mesh(config.mesh)
     setup = Setup(config, mesh)
     task = setup.task
     t0 = time.perf_counter()
     compiled = setup.compile()
     compile_s = time.perf_counter() - t0
-    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(task.build_model(0), nnx.Param)),
-                     out_shardings=setup.param_sh)()
-    state = jax.jit(setup.init_state, out_shardings=setup.state_sh)(params)
+    state = setup.fresh_state(load_init=False)
     rng = np.random.default_rng(0)
-    local = task.example_batch()
-    batch = global_batch({"image": rng.integers(0, 256, local["image"].shape, dtype=np.uint8),
-                          "text": rng.integers(1, args.vocab_size, local["text"].shape).astype(np.int32)}, mesh)
+    b, spec = setup.per_process_batch, task.batch_spec()
+    batch = global_batch({"image": rng.integers(0, 256, (b,) + spec["image"].shape, dtype=np.uint8),
+                          "text": rng.integers(1, args.vocab_size, (b,) + spec["text"].shape).astype(np.int32)}, mesh)
     for _ in range(args.warmup):
         state, m = compiled(state, batch)
     jax.block_until_ready(m)
@@ -64,8 +64,8 @@ def measure(args, res: int) -> dict:
         times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
     peak = M.measure_matmul_peak() * jax.device_count()
-    eps = task.global_batch_size / step_s
-    flops = task.train_flops_per_example()
+    eps = setup.global_batch_size / step_s
+    flops = task.flops_per_example()
     return {"res": res, "tokens": task.model_cfg.image.num_patches + 1, "step_s": step_s, "examples_per_s": eps,
             "train_gflops_per_example": flops / 1e9, "mfu": eps * flops / peak, "peak_gflops": peak / 1e9,
             "compile_s": compile_s, "loss": float(m["train/loss"])}

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from crate_jax.data import augment, loader
+from crate_jax.data.decode import decode_image
 
 _WIDTH, _HEIGHT = 500, 375
 
@@ -45,7 +46,7 @@ def _single_thread(jpegs: list[bytes], seconds: float, recipe: augment.TrainAugm
     rng = np.random.default_rng(0)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        recipe(augment.decode_image(jpegs[n % len(jpegs)]), rng)
+        recipe(decode_image(jpegs[n % len(jpegs)]), rng)
         n += 1
     return n / (time.perf_counter() - start)
 

@@ -9,7 +9,7 @@ rather than like flat synthetic shapes) with random captions, converts them with
 * read only: tar shards read sequentially vs ArrayRecord random access (random index order, what
   grain does) and ArrayRecord sequential access; encoded bytes only, no decoding;
 * full pipeline per core (one decode thread, no prefetch): read + decode + CLIPA inception crop to
-  ``out_size`` + tokenise, through ``shards.make_train_iterator`` and
+  ``out_size`` + tokenise, through ``shard_train.make_train_iterator`` and
   ``tfds_captions.make_train_iterator``, with and without JPEG draft decoding;
 * the same on the synthetic scenes of ``crate_jax.data.synth_scenes`` (64 px sources).
 
@@ -31,7 +31,9 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")  # HF tokenizers: one thread, fo
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from crate_jax.data import arrayrecord_convert, shards, synth_scenes, tfds_captions  # noqa: E402
+from crate_jax.data import arrayrecord_convert, shard_patterns, shard_train, synth_scenes, tfds_captions  # noqa: E402
+from crate_jax.data.tar_reader import iter_shard  # noqa: E402
+from crate_jax.data.tar_writer import write_shard  # noqa: E402
 from crate_jax.text.tokenizer import Tokenizer, build_vocab  # noqa: E402
 
 WORDS = ("a photo of the red dog running on a beach with blue sky and two people near old house in "
@@ -66,7 +68,7 @@ def write_photo_shards(out: str, n: int, per_shard: int, size: int, seed: int = 
             caption = " ".join(rng.choice(WORDS, size=int(rng.integers(5, 25))))
             samples.append({"__key__": f"{s:05d}{i:05d}", "jpg": buf.getvalue(), "txt": caption,
                             "json": json.dumps({"i": i})})
-        shards.write_shard(os.path.join(out, f"{s:05d}.tar"), samples)
+        write_shard(os.path.join(out, f"{s:05d}.tar"), samples)
     return os.path.join(out, f"{{00000..{n_shards - 1:05d}}}.tar"), float(np.mean(sizes))
 
 
@@ -82,7 +84,7 @@ def timed(fn, repeats: int) -> tuple[float, float]:
 
 
 def read_tar(pattern: str) -> int:
-    return sum(1 for p in shards.expand_pattern(pattern) for _ in shards.iter_shard(p))
+    return sum(1 for p in shard_patterns.expand_pattern(pattern) for _ in iter_shard(p))
 
 
 def read_arrayrecord(src, order) -> int:
@@ -141,13 +143,13 @@ def main() -> None:
         for fast in (False, True):
             tag = ", draft decode" if fast else ""
             results[f"tar pipeline, 1 thread{tag}"] = pipeline(
-                lambda: shards.make_train_iterator(pattern, shuffle_buffer=500, num_threads=1, prefetch=0,
-                                                   fast_decode=fast, **common), n_batches, a.batch, a.repeats)
+                lambda: shard_train.make_train_iterator(pattern, shuffle_buffer=500, num_threads=1, prefetch=0,
+                                                        fast_decode=fast, **common), n_batches, a.batch, a.repeats)
             results[f"arrayrecord pipeline, 1 grain thread{tag}"] = pipeline(
                 lambda: tfds_captions.make_train_iterator(ar_dir, num_threads=1, prefetch=1, fast_decode=fast,
                                                           **common), n_batches, a.batch, a.repeats)
         results["tar pipeline, 2 threads + prefetch"] = pipeline(
-            lambda: shards.make_train_iterator(pattern, shuffle_buffer=500, num_threads=2, prefetch=2, **common),
+            lambda: shard_train.make_train_iterator(pattern, shuffle_buffer=500, num_threads=2, prefetch=2, **common),
             n_batches, a.batch, a.repeats)
         results["arrayrecord pipeline, 2 grain threads"] = pipeline(
             lambda: tfds_captions.make_train_iterator(ar_dir, num_threads=2, prefetch=2, **common),
@@ -158,8 +160,8 @@ def main() -> None:
                               image_size=64)
         task = synth_scenes.load_task(syn)
         results["synth scenes (64 px sources), tar, 1 thread"] = pipeline(
-            lambda: shards.make_train_iterator(task["train_pattern"], shuffle_buffer=500, num_threads=1, prefetch=0,
-                                               **common), n_batches, a.batch, a.repeats)
+            lambda: shard_train.make_train_iterator(task["train_pattern"], shuffle_buffer=500, num_threads=1,
+                                                    prefetch=0, **common), n_batches, a.batch, a.repeats)
 
     width = max(len(k) for k in results)
     print(f"\nout {a.out_size}px, sources {a.source_size}x{a.source_size * 4 // 3}, {os.cpu_count()} cpus; "

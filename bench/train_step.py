@@ -4,7 +4,7 @@ per-device compiled memory, and the CRATE-α : ViT step-time ratio at the same w
     python bench/train_step.py                                   # CRATE-α vs ViT, Ti/16 at 224 px, batch 32
     python bench/train_step.py --variant B/16 --res 224 --batch 64 --dtype bfloat16   # e.g. on a GPU
 
-It times the real sharded train step (`crate_jax.train.loop.Setup`) on random data; nothing is
+It times the real sharded train step (`crate_jax.train.setup.Setup`) on random data; nothing is
 downloaded. Timings on a shared CPU are noisy: compare ratios measured in one run.
 """
 
@@ -15,10 +15,9 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 from crate_jax.parallel.mesh import make_mesh
-from crate_jax.train.loop import Setup, memory_report
+from crate_jax.train.setup import Setup, memory_report
 from crate_jax.train.metrics import measure_matmul_peak
 
 
@@ -40,9 +39,7 @@ def time_step(model: str, variant: str, res: int, batch: int, dtype: str, remat:
     t = time.perf_counter()
     compiled = setup.compile()
     compile_s = time.perf_counter() - t
-    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(setup.task.build_model(0), nnx.Param)),
-                     out_shardings=setup.param_sh)()
-    state = jax.jit(setup.init_state, out_shardings=setup.state_sh)(params)
+    state = setup.fresh_state()
     rng = np.random.default_rng(0)
     batch_np = {"image": rng.integers(0, 255, (batch, res, res, 3), dtype=np.uint8),
                 "label": rng.integers(0, 1000, (batch,), dtype=np.int32)}
@@ -56,7 +53,7 @@ def time_step(model: str, variant: str, res: int, batch: int, dtype: str, remat:
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     return dict(step_s=float(np.median(times)), compile_s=compile_s, memory=memory_report(compiled),
-                flops_per_example=setup.task.train_flops_per_example())
+                flops_per_example=setup.task.flops_per_example())
 
 
 def main(argv=None):

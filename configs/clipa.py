@@ -14,7 +14,7 @@ Two stages, one file:
 
 Commands (TPU pod; see launch/README.md for create/setup and the bucket layout). Pre-training
 CRATE-α-L/14, then fine-tuning; `$BUCKET/clipa_text_h.bundle` is a two-tower bundle holding a
-pre-trained text tower, e.g. imported with `python -m crate_jax.clip.convert_clipa --input
+pre-trained text tower, e.g. imported with `python -m crate_jax.convert --format clipa-jax --input
 CLIPA_CHECKPOINT.npz --output clipa_text_h.bundle` and copied to the bucket:
 
     python launch/tpu_vm.py run $NAME --accelerator-type v5p-128 \\
@@ -96,13 +96,15 @@ def get_config(arg: str = ""):
     else:  # everything from the pre-training run, image posemb resampled 84 -> 224 px
         c.init = ConfigDict(dict(checkpoint=a.init or None, dont_load=None, posemb_resample=a.posemb))
 
-    zeroshot, retrieval = {}, {}
-    imagenet = dict(source="tfds", name="imagenet2012", data_dir=a.imagenet_dir or None, split="validation",
-                    classnames="imagenet_classnames.txt", templates="imagenet_templates.txt", skip_if_missing=True)
+    c.eval_batch_size = a.eval_batch or min(a.batch, 1024)
+    zeroshot, retrieval = {}, {}  # name -> evaluator spec; zero-shot ones run first
+    imagenet = dict(type="zeroshot", source="tfds", name="imagenet2012", data_dir=a.imagenet_dir or None,
+                    split="validation", classnames="imagenet_classnames.txt", templates="imagenet_templates.txt",
+                    skip_if_missing=True)
     if not a.synth:
         zeroshot["imagenet"] = imagenet
     if a.eval_shards:
-        retrieval["heldout"] = dict(source="shards", shards=a.eval_shards)
+        retrieval["heldout"] = dict(type="retrieval", source="shards", shards=a.eval_shards)
     if a.synth:
         info_path = os.path.join(a.synth, "classes.json")
         if not os.path.isfile(info_path):
@@ -112,15 +114,20 @@ def get_config(arg: str = ""):
             info = json.load(f)
         c.data.shards = c.data.shards or os.path.join(a.synth, info["train_pattern"])
         c.data.vocab = c.data.vocab or os.path.join(a.synth, info["vocab"])
+        if not os.path.isfile(c.data.vocab):
+            from crate_jax.data.synth_scenes import vocab_command
+            raise ValueError(f"synth={a.synth}: vocab {c.data.vocab} not found; the scene generator writes only "
+                             f"the captions: train the vocab on them first with {vocab_command(a.synth)}")
         with open(c.data.vocab, encoding="utf-8") as f:
             n_vocab = sum(1 for _ in f)
         c.model.text.vocab_size = int(math.ceil(n_vocab / 64) * 64)
         c.data.shuffle_buffer = 2_000
         eval_pattern = os.path.join(a.synth, info["eval_pattern"])
-        zeroshot["synth"] = dict(source="shards", shards=eval_pattern, label_key=info.get("label_key", "label"),
-                                 classnames=info_path, templates=os.path.join(a.synth, "templates.txt"))
-        retrieval["synth_retrieval"] = dict(source="shards", shards=eval_pattern)
-    c.evals = ConfigDict(dict(batch_size=a.eval_batch or min(a.batch, 1024), zeroshot=zeroshot, retrieval=retrieval))
+        zeroshot["synth"] = dict(type="zeroshot", source="shards", shards=eval_pattern,
+                                 label_key=info.get("label_key", "label"), classnames=info_path,
+                                 templates=os.path.join(a.synth, "templates.txt"))
+        retrieval["synth_retrieval"] = dict(type="retrieval", source="shards", shards=eval_pattern)
+    c.evals = ConfigDict({**zeroshot, **retrieval})
 
     c.log_every = a.log_every
     c.eval_every = a.eval_every or (2_000 if a.stage == "pretrain" else 1_000)

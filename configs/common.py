@@ -31,6 +31,7 @@ def base_config() -> ConfigDict:
                              mixup=ConfigDict(dict(enabled=False, mixup_alpha=0.8, cutmix_alpha=1.0,
                                                    switch_prob=0.5))))
     c.init = ConfigDict(dict(checkpoint=None, dont_load=r"head/.*", posemb_resample="2d"))
+    c.evals = ConfigDict()  # name -> dict(type=..., every=..., ...): crate_jax.train.evaluation
     c.log_every = 100
     c.eval_every = 0
     c.checkpoint_every = 1000

@@ -29,6 +29,7 @@ def get_config(arg: str = ""):
                              eval_split="validation", augment="inception_crop", area_min=8, flip=True, randaug=None))
     c.batch_size = batch
     c.eval_batch_size = batch
+    c.evals.val = dict(type="classification", split="validation")
     c.num_epochs = epochs
     if a.steps:
         c.total_steps = a.steps

@@ -27,6 +27,7 @@ def get_config(arg: str = ""):
                              split_seed=0))
     c.batch_size = int(a.batch)
     c.eval_batch_size = 360
+    c.evals.val = dict(type="classification", split="test")
     c.total_steps = int(a.steps)
     c.optim.update(name="adamw", lr=2e-3, min_lr=1e-5, warmup_steps=60, b1=0.9, b2=0.95, wd=0.1, clip=1.0)
     c.loss.label_smoothing = 0.1

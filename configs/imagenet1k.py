@@ -28,6 +28,7 @@ def get_config(arg: str = ""):
     c.mesh.update(data=-1, fsdp=a.fsdp, tensor=a.tensor)
     c.batch_size = a.batch
     c.eval_batch_size = a.batch
+    c.evals.val = dict(type="classification", split="validation")
     c.num_epochs = a.epochs
     if a.steps:
         c.total_steps = a.steps

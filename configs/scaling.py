@@ -14,7 +14,7 @@ from), `res`, `steps`, `batch` (0 = the mode's default), `minival` (in21k: held-
 evaluated as `eval/minival/*`; 0 = none), `data_dir` (TFDS data dir).
 
 The efficient-scaling recipe (CRATE-α paper: pre-train with large patches, which costs few tokens,
-then fine-tune with small ones; `crate_jax/train/finetune.py` bilinearly resizes `embedding/kernel`
+then fine-tune with small ones; `crate_jax/train/pretrained.py` bilinearly resizes `embedding/kernel`
 and resamples `pos_embedding` on the 2-D grid):
 
     python -m crate_jax.train --config configs/scaling.py:variant=L/32 --workdir gs://B/in21k_l32
@@ -97,6 +97,7 @@ def _digits(c, a, size, variant):
                              randaug=None, flip=False, digits_test_fraction=0.2, split_seed=0))
     c.batch_size = int(a.batch) or 128
     c.eval_batch_size = 360
+    c.evals.val = dict(type="classification", split="test")
     c.total_steps = int(a.steps) or 100
     c.optim.update(name="adamw", lr=2e-3 if a.stage == "pretrain" else 1e-3, min_lr=1e-5,
                    warmup_steps=max(1, c.total_steps // 10), b1=0.9, b2=0.95, wd=0.05, clip=1.0)
@@ -123,13 +124,15 @@ def _imagenet(c, a, variant):
                                  train_split=f"train[{minival}:]" if minival else "train",
                                  eval_split=f"train[:{minival}]" if minival else None,
                                  augment="inception_crop", area_min=8.0, flip=True, randaug=None))
-        c.eval_name = "minival"
+        if minival:
+            c.evals.minival = dict(type="classification", split=f"train[:{minival}]")
         images, epochs, lr = IN21K_IMAGES - minival, 91, 8e-4
         c.loss.update(on_value=1.0, off_value=0.0)
     else:
         c.data = ConfigDict(dict(source="tfds", name="imagenet2012", data_dir=data_dir, train_split="train",
                                  eval_split="validation", augment="inception_crop", area_min=8.0, flip=True,
                                  randaug=(2, 9)))
+        c.evals.val = dict(type="classification", split="validation")
         images, epochs, lr = IN1K_IMAGES, 91, 1.6e-4
         c.loss.update(on_value=0.9, off_value=1e-4)
         c.init.update(checkpoint=a.init, dont_load=r"head/.*", posemb_resample="2d")

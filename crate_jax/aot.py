@@ -26,107 +26,12 @@ import re
 import sys
 import time
 
-# Per-chip HBM in GiB (Cloud TPU system-architecture pages: v4 32 GiB, v5e 16, v5p 95, v6e 32).
-HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
-# v4 / v5p accelerator types count TensorCores (2 per chip) and JAX sees one megacore device per chip;
-# v5e / v6e count chips (one TensorCore each).
-_COUNTS_CORES = {"v4": True, "v5p": True, "v5e": False, "v6e": False}
-_MAX_CHIPS = {"v4": 2048, "v5p": 6144, "v5e": 256, "v6e": 256}
-_NAME_RE = re.compile(r"^(v4|v5p|v5e|v5litepod|v6e)-(\d+)$")
-_TOPO_RE = re.compile(r"^(v4|v5p|v5e|v6e):(\d+(?:x\d+){1,2})$")
-VALID_FORMS = ("v4-N / v5p-N (N = TensorCores = 2 x chips, a power of two >= 8, e.g. v4-32, v5p-128); "
-               "v5e-N / v5litepod-N / v6e-N (N = chips: 1, 4, 8, 16, 32, 64, 128, 256, e.g. v5e-16, "
-               "v6e-64); or a libtpu topology string GEN:AxB[xC] (e.g. v5p:4x4x4, v5e:4x4)")
-
-
-class TopologyError(ValueError):
-    """A TPU slice name this tool cannot map to a libtpu topology; the message lists the valid forms."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TpuTarget:
-    """One TPU slice as the compiler sees it.
-
-    Attributes:
-      name: what the user asked for, e.g. "v5p-128".
-      generation: "v4", "v5p", "v5e" or "v6e".
-      shape: chips per torus dimension, e.g. (4, 4, 4); its product is `chips`.
-      hbm_bytes: HBM per chip.
-    """
-
-    name: str
-    generation: str
-    shape: tuple[int, ...]
-    hbm_bytes: int
-
-    @property
-    def chips(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def topology(self) -> str:
-        """The libtpu topology string, e.g. "v5p:4x4x4"."""
-        return f"{self.generation}:{'x'.join(map(str, self.shape))}"
-
-    @property
-    def accelerator_type(self) -> str:
-        """The Cloud TPU name, e.g. "v5p-128" (v4 / v5p count TensorCores) or "v5litepod-16"."""
-        prefix = {"v5e": "v5litepod"}.get(self.generation, self.generation)
-        return f"{prefix}-{2 * self.chips if _COUNTS_CORES[self.generation] else self.chips}"
-
-    @property
-    def host_bounds(self) -> tuple[int, int, int]:
-        """Chips per host VM in each dimension: 4-chip hosts (2x2x1), except v5e / v6e slices of up to 8
-        chips, which are one VM."""
-        if self.generation in ("v5e", "v6e") and self.chips <= 8:
-            return (*self.shape, 1)
-        return (2, 2, 1)
-
-
-def _torus_shape(chips: int, dims: int) -> tuple[int, ...]:
-    """The standard slice shape for `chips` (a power of two): start from the smallest slice (2x2x1 in 3-D,
-    1x1 in 2-D) and keep doubling the last of the smallest dimensions. That gives the published shapes
-    2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8, ... (v4, v5p) and 1x1, 2x2, 2x4, 4x4, 4x8, 8x8, 8x16, 16x16
-    (v5e, v6e)."""
-    shape = [2, 2, 1] if dims == 3 else [1, 1]
-    while math.prod(shape) < chips:
-        smallest = min(shape)
-        i = max(j for j, s in enumerate(shape) if s == smallest)
-        shape[i] *= 2
-    return tuple(shape)
-
-
-def parse_topology(name: str) -> TpuTarget:
-    """`'v5p-128'` -> TpuTarget(v5p, 4x4x4, 95 GiB); also `v4-32`, `v5e-16`, `v5litepod-16`, `v6e-64` and raw
-    libtpu strings such as `'v5p:4x4x8'`. Raises TopologyError naming the valid forms."""
-    text = name.strip().lower()
-    raw = _TOPO_RE.match(text)
-    if raw:
-        gen, dims = raw.group(1), tuple(int(d) for d in raw.group(2).split("x"))
-        want = 3 if gen in ("v4", "v5p") else 2
-        if len(dims) != want or min(dims) < 1:
-            raise TopologyError(f"topology {name!r}: {gen} slices are {want}-D ({'AxBxC' if want == 3 else 'AxB'}); "
-                                f"valid forms: {VALID_FORMS}")
-        return TpuTarget(name, gen, dims, HBM_GIB[gen] * 2**30)
-    m = _NAME_RE.match(text)
-    if m is None:
-        raise TopologyError(f"unknown TPU topology {name!r}; valid forms: {VALID_FORMS}")
-    gen = "v5e" if m.group(1) == "v5litepod" else m.group(1)
-    n = int(m.group(2))
-    if _COUNTS_CORES[gen]:
-        if n < 8 or n & (n - 1) or n // 2 > _MAX_CHIPS[gen]:
-            raise TopologyError(f"topology {name!r}: {gen}-N counts TensorCores (2 per chip), N must be a power "
-                                f"of two from 8 to {2 * _MAX_CHIPS[gen]}; for other shapes pass the libtpu string "
-                                f"({gen}:AxBxC). Valid forms: {VALID_FORMS}")
-        return TpuTarget(name, gen, _torus_shape(n // 2, 3), HBM_GIB[gen] * 2**30)
-    if n not in (1, 4, 8, 16, 32, 64, 128, 256):
-        raise TopologyError(f"topology {name!r}: {gen}-N counts chips and N must be one of 1, 4, 8, 16, 32, 64, "
-                            f"128, 256. Valid forms: {VALID_FORMS}")
-    return TpuTarget(name, gen, _torus_shape(n, 2), HBM_GIB[gen] * 2**30)
+# Slice names (v5p-128, v5e-16, v5p:4x4x8, ...) are parsed by the one parser the launcher uses too.
+from crate_jax.parallel.tpu_slices import SliceError, TpuSlice, parse as parse_topology
 
 
 @contextlib.contextmanager
-def _libtpu_offline_env(target: TpuTarget):
+def _libtpu_offline_env(target: TpuSlice):
     """Environment for libtpu's one-time initialisation on a machine without a TPU (restored afterwards):
     don't wait for the lock of another process that loaded libtpu, don't ask a GCE metadata server about
     the slice, and name this host, so libtpu neither stalls nor floods stderr."""
@@ -143,14 +48,14 @@ def _libtpu_offline_env(target: TpuTarget):
                 os.environ.pop(k, None)
 
 
-def tpu_devices(target: TpuTarget) -> list:
+def tpu_devices(target: TpuSlice) -> list:
     """Compile-only devices of the slice (one per chip), from libtpu; no TPU or network needed."""
     try:
         from jax.experimental import topologies
         with _libtpu_offline_env(target):
             topo = topologies.get_topology_desc(
                 topology_name=target.topology, platform="tpu",
-                chip_config_name="megacore" if _COUNTS_CORES[target.generation] else "default",
+                chip_config_name="megacore" if target.counts_cores else "default",
                 chips_per_host_bounds=target.host_bounds, num_slices=1)
     except RuntimeError as e:
         if "TPU support not installed" in str(e):
@@ -294,7 +199,7 @@ def compile_report(config, devices, *, target: str, backend: str, estimate: bool
     """Builds the mesh from `config.mesh` over `devices`, compiles `Setup(config, mesh)`'s train step and
     measures it. `config` must already be data-free (see `offline_config`)."""
     from crate_jax.parallel.mesh import make_mesh
-    from crate_jax.train.loop import Setup
+    from crate_jax.train.setup import Setup
 
     sizes = {k: v for k, v in dict(config.mesh).items() if k != "num_devices"}
     mesh = make_mesh(sizes, devices=devices)
@@ -311,13 +216,12 @@ def compile_report(config, devices, *, target: str, backend: str, estimate: bool
                                f"class count: pass --num-classes N or set config.model.num_classes") from e
         raise
     task = setup.task
-    per_example = getattr(task, "train_flops_per_example", None)
-    analytic = float(per_example()) * task.global_batch_size if per_example else None
+    analytic = float(task.flops_per_example()) * setup.global_batch_size
     loops = tuple(name for name, on in (
         (f"microbatches={config.get('microbatches', 1)}", config.get("microbatches", 1) > 1),
         ("model.scan over layers", "model" in config and config.model.get("scan", False))) if on)
     common = dict(target=target, backend=backend, estimate=estimate, devices=len(devices), mesh=dict(mesh.shape),
-                  global_batch=task.global_batch_size, hbm_bytes=hbm_bytes, analytic_flops=analytic, loops=loops)
+                  global_batch=setup.global_batch_size, hbm_bytes=hbm_bytes, analytic_flops=analytic, loops=loops)
     t0 = time.perf_counter()
     try:
         compiled = setup.compile()
@@ -326,7 +230,7 @@ def compile_report(config, devices, *, target: str, backend: str, estimate: bool
             raise
         message = str(e).strip().splitlines()[0]
         m = _OOM_TEMPS_RE.search(message)
-        arguments = _shard_bytes(setup.abstract_state) + _shard_bytes(setup.global_batch_shapes)
+        arguments = _shard_bytes(setup.abstract_state) + _shard_bytes(setup.batch_shapes)
         return AotReport(**common, arguments=arguments, outputs=None, aliased=None, code=None, flops_per_device=None,
                          temporaries=int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None,
                          compile_s=time.perf_counter() - t0, compiler_error=message)
@@ -390,7 +294,7 @@ def main(argv=None) -> int:
         return 2
     try:
         target = parse_topology(topology)
-    except TopologyError as e:
+    except SliceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Before jax starts: the CPU device count for --simulate, and no attempt to open a TPU either way.

@@ -26,6 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from crate_jax.checkpoint.bundle import MODEL_JSON, BundleError, load_bundle, load_config, params_dict, save_bundle
+from crate_jax.checkpoint.params import ParamsError, read_params
 from crate_jax.models import ConfigError, ModelConfig
 from crate_jax.weights import layouts
 from crate_jax.weights.readers import WeightsError, file_kind, import_torch, numpy_to_torch
@@ -39,11 +40,10 @@ def load_for_export(path: str | os.PathLike, step: int | None = None) -> tuple[M
         cfg, model = load_bundle(path)
         return cfg, jax.tree.map(np.asarray, params_dict(model))
     if (path / MODEL_JSON).is_file() and (path / "checkpoints").is_dir():
-        from crate_jax.train.finetune import read_params
         cfg = load_config(path)
         try:
             params = read_params(path, step)
-        except FileNotFoundError as e:
+        except ParamsError as e:
             raise BundleError(str(e)) from e
         return cfg, params
     raise BundleError(f"{path} is not a crate_jax bundle ({MODEL_JSON} + params/) nor a training workdir "

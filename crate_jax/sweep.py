@@ -305,6 +305,7 @@ def read_run(workdir: Path, root: Path) -> RunResult:
 
     from crate_jax.models.flops import train_flops
     from crate_jax.train.classification import model_config_from
+    from crate_jax.train.metrics import read_metrics
 
     cfg_file = workdir / "config.json"
     if not cfg_file.is_file():
@@ -312,13 +313,7 @@ def read_run(workdir: Path, root: Path) -> RunResult:
     config = ConfigDict(json.loads(cfg_file.read_text()))
     model = model_config_from(config, _num_classes(config))
     losses, top1, eval_loss = [], None, None
-    for n, line in enumerate((workdir / "metrics.jsonl").read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SweepError(f"{workdir / 'metrics.jsonl'} line {n} is not JSON: {e}") from e
+    for row in read_metrics(workdir / "metrics.jsonl"):  # one row per step, even across resumes
         if "train/loss" in row:
             losses.append((int(row["step"]), float(row["train/loss"])))
         for k in sorted(row):

@@ -33,9 +33,11 @@ from collections.abc import Sequence
 if __package__ in (None, ""):  # run as a script: python launch/tpu_vm.py
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import remote_scripts
-    import tpu_slices
 else:  # imported as launch.tpu_vm
-    from . import remote_scripts, tpu_slices
+    from . import remote_scripts
+# The one slice-name parser (standard library only, so this works from a checkout without installing).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from crate_jax.parallel import tpu_slices  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_JAX_VERSION = "0.10.2"  # the jax that pyproject.toml pins and stack-notes measured
@@ -78,9 +80,9 @@ def _check_target(args: argparse.Namespace) -> None:
                           "(6-30 lowercase letters, digits or hyphens)")
 
 
-def _slice(args: argparse.Namespace) -> tpu_slices.SliceSpec:
+def _slice(args: argparse.Namespace) -> tpu_slices.TpuSlice:
     try:
-        return tpu_slices.parse_accelerator_type(args.accelerator_type)
+        return tpu_slices.parse(args.accelerator_type)
     except tpu_slices.SliceError as e:
         raise LaunchError(f"--accelerator-type: {e}") from None
 

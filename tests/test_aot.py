@@ -17,7 +17,7 @@ from train_helpers import tiny_config  # noqa: E402
 
 from crate_jax import aot  # noqa: E402
 from crate_jax.parallel.mesh import make_mesh  # noqa: E402
-from crate_jax.train.loop import Setup  # noqa: E402
+from crate_jax.train.setup import Setup  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -37,15 +37,17 @@ def _in_repo_root(monkeypatch):
     ("v6e-64", "v6e:8x8", 64, 32, "v6e-64"),
     ("v6e-256", "v6e:16x16", 256, 32, "v6e-256"),
     ("V5P:4x4x8", "v5p:4x4x8", 128, 95, "v5p-256"),
+    ("v5p-24", "v5p:2x2x3", 12, 95, "v5p-24"),  # any multiple of 8 TensorCores, not only powers of two
+    ("v5p-12288", "v5p:16x16x24", 6144, 95, "v5p-12288"),  # the largest published v5p slice
 ])
 def test_slice_names_map_to_libtpu_topologies(name, topology, chips, hbm_gib, accel):
     t = aot.parse_topology(name)
     assert (t.topology, t.chips, t.hbm_bytes, t.accelerator_type) == (topology, chips, hbm_gib * 2**30, accel)
 
 
-@pytest.mark.parametrize("bad", ["v5p-12", "v5p-96", "v4-4", "v3-8", "v6e-12", "tpu-64", "v5p:4x4", "v5e:2x2x2", ""])
+@pytest.mark.parametrize("bad", ["v5p-12", "v5p-100", "v4-4", "v3-8", "v6e-12", "tpu-64", "v5p:4x4", "v5e:2x2x2", ""])
 def test_bad_topology_names_list_the_valid_forms(bad):
-    with pytest.raises(aot.TopologyError, match=r"v5p:4x4x4.*v5e:4x4|valid forms") as e:
+    with pytest.raises(aot.SliceError, match=r"v5p:4x4x4.*v5e:4x4|valid forms") as e:
         aot.parse_topology(bad)
     assert "v5p-128" in str(e.value) and "v6e-64" in str(e.value)
 
@@ -53,7 +55,7 @@ def test_bad_topology_names_list_the_valid_forms(bad):
 def test_cli_rejects_a_bad_topology_before_compiling(capsys):
     assert aot.main(["--config", "tests/tiny_digits.py", "--topology", "v9-8"]) == 2
     err = capsys.readouterr().err
-    assert "unknown TPU topology 'v9-8'" in err and "v5litepod-N" in err
+    assert "unknown TPU slice 'v9-8'" in err and "v5litepod-N" in err
     assert aot.main(["--config", "tests/tiny_digits.py"]) == 2  # no --topology
 
 
@@ -83,7 +85,7 @@ def test_simulated_report_is_the_sharded_state_and_needs_no_data():
     assert offline.total_steps == 1 and "total_steps" not in c  # the caller's config is untouched
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 1}, devices=jax.devices()[:4])
     setup = Setup(offline, mesh)  # reads no data: num_classes and total_steps are set
-    expected = _shard_bytes(setup.abstract_state) + _shard_bytes(setup.global_batch_shapes)
+    expected = _shard_bytes(setup.abstract_state) + _shard_bytes(setup.batch_shapes)
     assert report.arguments == expected
     replicated = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(setup.abstract_state["params"]))
     assert report.arguments < 3 * replicated  # params + two Adam moments, sharded over fsdp=2
@@ -137,3 +139,26 @@ def test_tpu_out_of_memory_is_a_does_not_fit_report():
     assert report.arguments > 2**20 * 16 * 16 * 3  # the uint8 image batch alone
     text = report.text()
     assert "DOES NOT FIT" in text and "config.mesh.fsdp" in text
+
+
+@pytest.mark.parametrize("name", ["v5p-24", "v5p-96", "v4-24", "v5p-128", "v5e-16", "v6e-64", "v5p-100", "v5p-12",
+                                  "v4-8192", "v7-8"])
+def test_launcher_and_aot_accept_the_same_slice_names(name):
+    """One parser: a name the launcher plans for is a name AOT compiles for, and vice versa."""
+    from launch import tpu_vm
+    from crate_jax.parallel import tpu_slices
+
+    def launcher():
+        return tpu_vm._slice(type("Args", (), {"accelerator_type": name})())
+
+    try:
+        spec = launcher()
+    except tpu_vm.LaunchError:
+        with pytest.raises(aot.SliceError):
+            aot.parse_topology(name)
+        return
+    target = aot.parse_topology(name)
+    assert (target.chips, target.hosts, target.topology) == (spec.chips, spec.hosts, spec.topology)
+    assert target.chips * (2 if target.counts_cores else 1) == int(name.split("-")[1])
+    assert target.hosts == tpu_slices.hosts_for(name)
+

@@ -13,15 +13,20 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
 
 import reference_np as R
 from configs import clipa
 from crate_jax.checkpoint.bundle import load_bundle, save_bundle
-from crate_jax.clip import convert_clipa, loss as L, model as CM, zeroshot as Z
+from crate_jax.clip import loss as L, zeroshot as Z
+from crate_jax.models import masking, text as T, two_tower as TT
+from crate_jax.weights import clipa as convert_clipa
 from crate_jax.clip.task import ClipTask, two_tower_config_from
 from crate_jax.models.config import ConfigError
 from crate_jax.parallel.mesh import make_mesh
+from crate_jax.train.evaluation import EvalState
 from crate_jax.train.loop import train_and_evaluate
+from crate_jax.train.setup import Setup
 
 TOL = 1e-5
 
@@ -88,7 +93,7 @@ SMALL = dict(img_dim=32, img_depth=2, img_heads=4, patch=8, image_size=32, out_d
 
 
 def model_from(cfg, params):
-    abstract = nnx.eval_shape(lambda: CM.build_two_tower(cfg, 0))
+    abstract = nnx.eval_shape(lambda: TT.build_two_tower(cfg, 0))
     graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return nnx.merge(graphdef, state, rest)
@@ -107,7 +112,7 @@ def test_imported_clipa_towers_match_reference(tmp_path):
     assert convert.main(["--format", "clipa-jax", "--input", str(tmp_path / "clipa.npz"),
                          "--output", str(tmp_path / "bundle")]) == 0
     cfg, model = load_bundle(tmp_path / "bundle")
-    assert isinstance(cfg, CM.TwoTowerConfig) and cfg.text.pool == "last" and not cfg.text.pad_mask
+    assert isinstance(cfg, TT.TwoTowerConfig) and cfg.text.pool == "last" and not cfg.text.pad_mask
     assert not cfg.image.stem_bias and not cfg.image.head_bias and cfg.out_dim == 16
     zi, zt, lp = nnx.jit(lambda m, x, t: m(x, t))(model, jnp.asarray(x), jnp.asarray(tok))
     for ours, ref in ((zi, ref_i), (zt, ref_t)):
@@ -131,14 +136,14 @@ def test_import_names_every_bad_tensor():
 
 
 def tiny_text(**kw):
-    return CM.text_config("mu", width=16, depth=2, num_heads=2, mlp_dim=32, vocab_size=128, max_len=6, **kw)
+    return T.text_config("mu", width=16, depth=2, num_heads=2, mlp_dim=32, vocab_size=128, max_len=6, **kw)
 
 
 class text_tower:
     """A tiny text tower, called jitted: `text_tower(**cfg)(tokens) -> [B, 8]` as numpy."""
 
     def __init__(self, seed=0, **kw):
-        self.module = CM.TextTower(tiny_text(**kw), 8, rngs=nnx.Rngs(params=jax.random.key(seed)))
+        self.module = T.TextTower(tiny_text(**kw), 8, rngs=nnx.Rngs(params=jax.random.key(seed)))
         self._fn = nnx.jit(lambda m, tok: m(tok))
 
     def __call__(self, tokens):
@@ -184,8 +189,8 @@ def test_white_box_text_tower(text_model):
 
 def test_parameter_counts_match_spec():
     def count(image_variant, res):
-        cfg = CM.two_tower_config("crate_alpha", image_variant, image_size=res, text=CM.text_config("H"))
-        tree = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: CM.build_two_tower(cfg, 0)), nnx.Param))
+        cfg = TT.two_tower_config("crate_alpha", image_variant, image_size=res, text=T.text_config("H"))
+        tree = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: TT.build_two_tower(cfg, 0)), nnx.Param))
         n = lambda t: sum(math.prod(x.shape) for x in jax.tree.leaves(t))
         return n(tree["img"]), n(tree["txt"]), n(tree)
     assert count("L/14", 84) == (253_448_192, 336_160_768, 589_608_961)  # SPEC §3.1 table
@@ -193,19 +198,19 @@ def test_parameter_counts_match_spec():
 
 
 def test_config_round_trip_and_patch_dropping():
-    cfg = CM.two_tower_config("crate_alpha", "Ti/8", image_size=32, out_dim=8, text=tiny_text(), mask_ratio=0.5,
+    cfg = TT.two_tower_config("crate_alpha", "Ti/8", image_size=32, out_dim=8, text=tiny_text(), mask_ratio=0.5,
                               image_overrides=dict(width=32, depth=1, num_heads=2))
-    assert CM.TwoTowerConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert TT.TwoTowerConfig.from_dict(json.loads(cfg.to_json())) == cfg
     with pytest.raises(ConfigError, match="out_dim"):
         cfg.replace(out_dim=9)
     x = jnp.arange(2 * 17 * 3, dtype=jnp.float32).reshape(2, 17, 3)
-    kept = CM.drop_patches(x, 0.5, jax.random.key(0))
+    kept = masking.drop_patches(x, 0.5, jax.random.key(0))
     assert kept.shape == (2, 9, 3)
     np.testing.assert_array_equal(kept[:, 0], x[:, 0])  # cls kept
     for b in range(2):  # a sorted subset of the patches
         rows = [int(r) for r in np.asarray(kept[b, 1:, 0] - x[b, 0, 0]) // 3]
         assert rows == sorted(rows) and len(set(rows)) == 8 and min(rows) >= 1
-    model = CM.build_two_tower(cfg, 0)
+    model = TT.build_two_tower(cfg, 0)
     z = nnx.jit(lambda m, x: m.encode_image(x, train=True, rng=jax.random.key(1)))(model, jnp.zeros((2, 32, 32, 3)))
     np.testing.assert_allclose(np.linalg.norm(np.asarray(z), axis=-1), 1.0, atol=1e-5)
 
@@ -242,12 +247,21 @@ def test_recipe_defaults_follow_spec():
     assert two_tower_config_from(clipa.get_config("variant=H/14,stage=finetune")).image.num_patches == 256
 
 
-def make_synth(tmp_path):
+def make_synth(tmp_path, vocab=True):
     from crate_jax.data import synth_scenes
+    from crate_jax.text.tokenizer import build_vocab_file
     data = tmp_path / "synth"
-    synth_scenes.generate(data, train_samples=128, eval_samples=32, samples_per_shard=64, image_size=32,
-                          vocab_size=200)
+    synth_scenes.generate(data, train_samples=128, eval_samples=32, samples_per_shard=64, image_size=32)
+    if vocab:
+        build_vocab_file(data / "captions.txt", data / "vocab.txt", 200)
     return data
+
+
+def test_synth_config_without_vocab_says_how_to_build_it(tmp_path):
+    data = make_synth(tmp_path, vocab=False)
+    with pytest.raises(ValueError, match=r"vocab .*vocab\.txt not found.* python -m crate_jax\.text\.tokenizer "
+                                         r"--corpus \S*captions\.txt --out \S*vocab\.txt --size 500"):
+        clipa.get_config(tiny_args(data))
 
 
 def tiny_args(data, **kw):
@@ -268,7 +282,7 @@ def tiny_config(data, mesh=None, **kw):
 
 
 def no_evals(c):
-    c.evals.zeroshot, c.evals.retrieval = {}, {}
+    c.evals = ConfigDict()
     return c
 
 
@@ -276,11 +290,9 @@ def rows(workdir):
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def initial_params(task, mesh):
-    from crate_jax.parallel import sharding as sh
-    task.validate(mesh)
-    abstract = nnx.eval_shape(lambda: task.build_model(0))
-    return jax.tree.map(np.asarray, task.initial_params(abstract, mesh, sh.pure_param_shardings(abstract, mesh)))
+def initial_params(config):
+    """The parameters a run of `config` starts from (fresh, or merged from `config.init`)."""
+    return jax.tree.map(np.asarray, Setup(config, make_mesh(config.mesh)).fresh_state()["params"])
 
 
 @pytest.mark.slow
@@ -288,16 +300,15 @@ def test_posemb_interpolation_modes(tmp_path):
     """Fine-tuning init: 1-D (CLIPA) and 2-D resampling of img/pos_embedding as documented (SPEC §2.6),
     a text pos of another length resampled along its axis, `dont_load` keeping fresh values."""
     data = make_synth(tmp_path)
-    mesh = make_mesh({"data": 1, "num_devices": 1})
-    low_cfg = tiny_config(data, res=16, txt_len=8)  # 2x2 grid + cls = 5 rows
+    one_device = {"data": 1, "num_devices": 1}
+    low_cfg = tiny_config(data, mesh=one_device, res=16, txt_len=8)  # 2x2 grid + cls = 5 rows
     low_cfg.seed = 3  # unlike the fresh init (seed 0) of the models initialised from it
-    low = ClipTask(low_cfg)
-    params = initial_params(low, mesh)
-    save_bundle(tmp_path / "low", low.model_cfg, params)
+    params = initial_params(low_cfg)
+    save_bundle(tmp_path / "low", ClipTask(low_cfg).model_cfg, params)
     pos = params["img"]["pos_embedding"]
 
     def init(**kw):
-        return initial_params(ClipTask(tiny_config(data, stage="finetune", init=str(tmp_path / "low"), **kw)), mesh)
+        return initial_params(tiny_config(data, mesh=one_device, stage="finetune", init=str(tmp_path / "low"), **kw))
 
     one = init(res=32, txt_len=12)  # 4x4 grid + cls = 17 rows; 12 text positions
     np.testing.assert_allclose(one["img"]["pos_embedding"], R.resample_posemb_1d(pos, 17), atol=1e-6)
@@ -310,12 +321,12 @@ def test_posemb_interpolation_modes(tmp_path):
     np.testing.assert_allclose(two["img"]["pos_embedding"], R.resample_posemb_2d(pos, 4, 4), atol=1e-6)
     assert not np.allclose(one["img"]["pos_embedding"], two["img"]["pos_embedding"], atol=1e-3)
     # pre-training stage: the image tower stays fresh, text and t come from the checkpoint
-    got = initial_params(ClipTask(tiny_config(data, init=str(tmp_path / "low"), freeze_text=True)), mesh)
+    got = initial_params(tiny_config(data, mesh=one_device, init=str(tmp_path / "low"), freeze_text=True))
     np.testing.assert_array_equal(got["txt"]["embed"]["embedding"], params["txt"]["embed"]["embedding"])
     assert not np.allclose(got["img"]["pos_embedding"], pos)
     # a frozen text tower with nothing to load would train against random text features
     with pytest.raises(ConfigError, match="init"):
-        initial_params(ClipTask(tiny_config(data, freeze_text=True)), mesh)
+        Setup(tiny_config(data, mesh=one_device, freeze_text=True), make_mesh(one_device))
 
 
 def test_train_data_from_tfds_directory(tmp_path):
@@ -326,13 +337,13 @@ def test_train_data_from_tfds_directory(tmp_path):
     c = tiny_config(data, tfds=str(tmp_path / "tfds"))
     c.data.tfds_split = "train"
     task = ClipTask(c)
-    it = task.train_iterator()
+    it = task.train_iterator(batch_size=16, process_index=0, process_count=1)
     first = next(it)
     assert first["image"].shape == (16, 16, 16, 3) and first["image"].dtype == np.uint8
     assert first["text"].shape == (16, 8) and (first["text"][:, 0] == task.tokenizer.cls_id).all()
     state = it.get_state()
     b2 = next(it)
-    it2 = task.train_iterator()
+    it2 = task.train_iterator(batch_size=16, process_index=0, process_count=1)
     it2.set_state(json.loads(json.dumps(state)))
     np.testing.assert_array_equal(next(it2)["text"], b2["text"])
 
@@ -346,16 +357,15 @@ def test_imagenet_zero_shot_through_tfds(tmp_path):
     c = tiny_config(data, eval_batch=32)
     spec = dict(source="tfds", name="imagenet2012", data_dir=None, split="validation", decoder="tfds",
                 classnames="imagenet_classnames.txt", templates=str(tmp_path / "one_template.txt"))
-    c.evals.zeroshot = {"imagenet": spec, "missing": dict(spec, data_dir=str(tmp_path / "nothing"),
-                                                           skip_if_missing=True)}
-    c.evals.retrieval = {}
-    task, mesh = ClipTask(c), make_mesh(c.mesh)
-    params = initial_params(task, mesh)
-    graphdef = nnx.split(nnx.eval_shape(lambda: task.build_model(0)))[0]
+    c.evals = ConfigDict({"imagenet": dict(spec, type="zeroshot"),
+                          "missing": dict(spec, type="zeroshot", data_dir=str(tmp_path / "nothing"),
+                                          skip_if_missing=True)})
+    setup = Setup(c, make_mesh(c.mesh))
+    state = EvalState.of(0, setup.fresh_state(), setup.graphdef, setup.mesh)
     with tfds.testing.mock_data(num_examples=40):
-        out = task.extra_eval(graphdef, params, mesh)
-    assert sorted(out) == ["eval/imagenet/count", "eval/imagenet/top1", "eval/imagenet/top5"]
-    assert out["eval/imagenet/count"] == 40 and 0.0 <= out["eval/imagenet/top1"] <= out["eval/imagenet/top5"] <= 1.0
+        out = {ev.name: ev.run(state) for ev in setup.evaluators}
+    assert out["missing"] == {} and sorted(out["imagenet"]) == ["count", "top1", "top5"]
+    assert out["imagenet"]["count"] == 40 and 0.0 <= out["imagenet"]["top1"] <= out["imagenet"]["top5"] <= 1.0
 
 
 @pytest.mark.slow
@@ -371,11 +381,12 @@ def test_real_config_trains_resumes_and_evaluates(tmp_path):
         assert key in final and 0.0 <= final[key] <= 1.0
     assert final["eval/synth/count"] == 32 and final["eval/synth_retrieval/count"] == 32
 
-    # resume from step 2 (drop the step-4 checkpoint): steps 3 and 4 are recomputed exactly
+    # resume from step 2 (drop the step-4 checkpoint): steps 3 and 4 are recomputed exactly, and
+    # metrics.jsonl holds each step once
     shutil.rmtree(wd / "checkpoints" / "4")
     train_and_evaluate(no_evals(tiny_config(data)), wd)
-    again = [r for r in rows(wd)[len(first):] if "train/loss" in r]
-    assert [r["step"] for r in again] == [3, 4]
+    again = [r for r in rows(wd) if "train/loss" in r]
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
     for r in again:
         assert r["train/loss"] == pytest.approx(losses[r["step"]], rel=1e-5)
 
@@ -386,15 +397,14 @@ def test_finetune_stage_keeps_text_tower_and_temperature_frozen(tmp_path):
     """The recipe's fine-tuning stage (SPEC §7.5): 2x resolution from a low-resolution two-tower
     checkpoint, text tower and t frozen (`optim.freeze`), image tower trained."""
     data = make_synth(tmp_path)
-    low_cfg = tiny_config(data, res=16)
+    low_cfg = tiny_config(data, mesh={"data": 1, "num_devices": 1}, res=16)
     low_cfg.seed = 3
-    low = ClipTask(low_cfg)
-    save_bundle(tmp_path / "low", low.model_cfg, initial_params(low, make_mesh({"data": 1, "num_devices": 1})))
+    save_bundle(tmp_path / "low", ClipTask(low_cfg).model_cfg, initial_params(low_cfg))
     ft = tmp_path / "ft"
     cfg = no_evals(tiny_config(data, stage="finetune", res=32, steps=2, init=str(tmp_path / "low"), freeze_text=True))
     assert list(cfg.optim.freeze) == ["t", "txt/.*"]
     train_and_evaluate(cfg, ft)
-    from crate_jax.train.finetune import read_params
+    from crate_jax.checkpoint.params import read_params
     before, after = read_params(tmp_path / "low"), read_params(ft)
     assert after["img"]["pos_embedding"].shape == (1, 17, 32)
     jax.tree.map(np.testing.assert_array_equal, before["txt"], after["txt"])

@@ -7,7 +7,8 @@ import pytest
 
 from crate_jax.models import ConfigError
 from crate_jax.parallel.mesh import make_mesh
-from crate_jax.train.loop import Setup, train_and_evaluate
+from crate_jax.train.loop import train_and_evaluate
+from crate_jax.train.setup import Setup
 from train_helpers import losses
 
 CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py")

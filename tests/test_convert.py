@@ -16,7 +16,7 @@ import reference_np as R
 from crate_jax import convert, export, predict
 from crate_jax.checkpoint.bundle import save_bundle
 from crate_jax.models import abstract_model, count_params
-from crate_jax.weights import WeightsError, check_layout, expected_shapes, infer_config, read_tensors
+from crate_jax.weights import WeightsError, check_layout, expected_shapes, importer, infer_config, read_tensors
 
 DIM, DEPTH, HEADS, PATCH, SIZE, CLASSES = 32, 2, 4, 8, 32, 10
 
@@ -98,7 +98,7 @@ def test_variant_and_heads_overrides():
     assert (cfg.num_heads, cfg.variant, cfg.pool) == (12, "custom/16", "mean")
     # a variant that does not fit: one error, led by what the file holds
     with pytest.raises(WeightsError) as e:
-        convert.import_tensors("crate-torch", tensors, "B/16")
+        importer.import_tensors("crate-torch", tensors, "B/16")
     msg = str(e.value)
     assert msg.startswith("variant B/16 does not fit") and "crate T/16 (width 384" in msg
     assert "to_patch_embedding.2.weight  expected (768, 768), got (384, 768)" in msg
@@ -106,13 +106,13 @@ def test_variant_and_heads_overrides():
 
 def test_small_sizes_need_heads_and_read_them_from_the_jax_kernel():
     with pytest.raises(WeightsError, match=r"match no crate variant .* pass --heads K"):
-        convert.import_tensors("crate-torch", crate_sd())
-    cfg, _ = convert.import_tensors("crate-alpha-jax", alpha_jax())
+        importer.import_tensors("crate-torch", crate_sd())
+    cfg, _ = importer.import_tensors("crate-alpha-jax", alpha_jax())
     assert (cfg.num_heads, cfg.width, cfg.depth, cfg.image_size, cfg.variant) == (HEADS, DIM, DEPTH, SIZE, "custom/8")
 
 
 def test_crate_alpha_jax_optional_parts_are_inferred():
-    cfg, params = convert.import_tensors("crate-alpha-jax", alpha_jax(posemb="sincos2d", bias=False), image_size=SIZE)
+    cfg, params = importer.import_tensors("crate-alpha-jax", alpha_jax(posemb="sincos2d", bias=False), image_size=SIZE)
     assert (cfg.posemb, cfg.stem_bias, cfg.head_bias) == ("sincos2d", False, False)
     assert "pos_embedding" not in params and "bias" not in params["embedding"] and "bias" not in params["head"]
 
@@ -160,18 +160,18 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
 def test_wrong_format_is_named(tmp_path):
     src = save_safetensors(tmp_path / "w.safetensors", crate_sd())
     with pytest.raises(WeightsError, match="pass --format crate-torch"):
-        convert.import_weights("crate-alpha-jax", src)
+        importer.import_weights("crate-alpha-jax", src)
     with pytest.raises(WeightsError, match="unknown weight format"):
-        convert.import_weights("crate-beta", src)
+        importer.import_weights("crate-beta", src)
     with pytest.raises(WeightsError, match="unknown weight file type '.h5'"):
-        convert.import_weights("crate-torch", tmp_path / "w.h5")
+        importer.import_weights("crate-torch", tmp_path / "w.h5")
 
 
 def test_clipa_two_tower_is_refused_with_a_reason():
     tree = {"img/" + k: v for k, v in alpha_jax().items()}
     tree["t"] = np.zeros((1,), np.float32)
     with pytest.raises(WeightsError, match="two-tower"):
-        convert.import_tensors("crate-alpha-jax", {"params/" + k: v for k, v in tree.items()})
+        importer.import_tensors("crate-alpha-jax", {"params/" + k: v for k, v in tree.items()})
 
 
 def test_torch_files_need_torch_and_load_weights_only(tmp_path, monkeypatch):
@@ -206,7 +206,7 @@ def bundles(tmp_path_factory):
     }
     out = {}
     for name, (fmt, tensors, kw) in sources.items():
-        cfg, params = convert.import_tensors(fmt, tensors, **kw)
+        cfg, params = importer.import_tensors(fmt, tensors, **kw)
         save_bundle(root / name, cfg, params, source=fmt)
         out[name] = (root / name, fmt, tensors, cfg, params)
     return out
@@ -237,7 +237,7 @@ def test_import_export_import_params_identical(tmp_path, bundles, name, fmt, suf
     overrides = dict(num_heads=cfg.num_heads, pool=cfg.pool, image_size=cfg.image_size)
     if fmt == "crate-alpha-jax" and cfg.posemb == "learn":
         overrides["final_ln_eps"] = cfg.final_ln_eps  # exported from torch weights: keep torch's eps
-    cfg2, params2 = convert.import_weights(fmt, out, **overrides)
+    cfg2, params2 = importer.import_weights(fmt, out, **overrides)
     assert cfg2 == cfg
     flat = lambda p: {"/".join(map(str, k)): v for k, v in _leaves(p)}
     a, b = flat(params), flat(params2)
@@ -253,21 +253,21 @@ def _leaves(tree, prefix=()):
 
 
 def test_jax_export_uses_flat_names_and_void_bf16(tmp_path):
-    cfg, params = convert.import_tensors("crate-alpha-jax", alpha_jax(4), param_dtype="bfloat16")
+    cfg, params = importer.import_tensors("crate-alpha-jax", alpha_jax(4), param_dtype="bfloat16")
     save_bundle(tmp_path / "b", cfg, params)
     assert export.main(["--checkpoint", str(tmp_path / "b"), "--format", "crate-alpha-jax",
                         "--output", str(tmp_path / "w.npz")]) == 0
     with np.load(tmp_path / "w.npz") as z:
         assert "Transformer/encoderblock_1/OvercompleteISTABlock_0/D1" in z.files
         assert z["cls"].dtype.str == "|V2"  # what big_vision writes for bfloat16
-    cfg2, params2 = convert.import_weights("crate-alpha-jax", tmp_path / "w.npz", param_dtype="bfloat16")
+    cfg2, params2 = importer.import_weights("crate-alpha-jax", tmp_path / "w.npz", param_dtype="bfloat16")
     assert cfg2 == cfg and bits_equal(params2["encoder"]["blocks"]["odl"]["D"], params["encoder"]["blocks"]["odl"]["D"])
     if "torch" in sys.modules or _has_torch():  # bfloat16 through a torch .pth, both ways
         assert export.main(["--checkpoint", str(tmp_path / "b"), "--format", "crate-alpha-torch",
                             "--output", str(tmp_path / "w.pth")]) == 0
         back = read_tensors(tmp_path / "w.pth")
         assert back["conv1.weight"].dtype == ml_dtypes.bfloat16
-        cfg3, params3 = convert.import_weights("crate-alpha-torch", tmp_path / "w.pth", param_dtype="bfloat16",
+        cfg3, params3 = importer.import_weights("crate-alpha-torch", tmp_path / "w.pth", param_dtype="bfloat16",
                                                num_heads=HEADS, final_ln_eps=cfg.final_ln_eps)
         assert cfg3 == cfg and all(bits_equal(a, b) for (_, a), (_, b) in zip(_leaves(params), _leaves(params3)))
 

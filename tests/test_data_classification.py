@@ -1,4 +1,4 @@
-"""Tests for the classification data pipeline (crate_jax.data.{augment,classification,loader})."""
+"""Tests for the classification data pipeline (crate_jax.data.{augment,classification,crops,decode,loader})."""
 
 import collections
 import io
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crate_jax.data import augment, classification, loader
+from crate_jax.data import augment, classification, crops, loader
+from crate_jax.data.decode import DecodeError, decode_image, to_array
 
 
 def _digits_cfg(**overrides):
@@ -156,7 +157,7 @@ def test_worker_processes_give_the_same_stream_and_resume():
 def test_train_stream_generic_sharding():
     # The generic stream on a plain list of records: epoch e is a permutation, processes interleave.
     records = [{"image": np.full((2, 2, 3), i, np.uint8), "label": np.int32(i), "id": str(i)} for i in range(10)]
-    transform = loader.ImageRecordTransform(lambda img, rng: augment.to_array(img))
+    transform = loader.ImageRecordTransform(lambda img, rng: to_array(img))
     streams = [loader.train_stream(records, transform, seed=0, process_index=p, process_count=2) for p in range(2)]
     labels = [[int(streams[p][i]["label"]) for i in range(10)] for p in range(2)]
     merged = [labels[g % 2][g // 2] for g in range(20)]
@@ -216,7 +217,7 @@ def test_folder_bad_images_are_skipped_counted_and_named(image_folder, caplog):
                     randaug=(2, 9), num_threads=2))
     assert loader.num_classes(cfg) == 2 and loader.num_examples(cfg, "train") == 9
     it = loader.make_train_iterator(cfg, batch_size=7, image_size=32, seed=0)
-    with caplog.at_level(logging.WARNING, logger="crate_jax.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="crate_jax.data.batching"):
         batches = _take(it, 2)  # 14 good = 2 epochs of 7 good: reads past all of epoch 0
     assert all(b["image"].shape == (7, 32, 32, 3) for b in batches)
     stats = it.stats()
@@ -242,7 +243,8 @@ def test_all_bad_images_stop_with_an_error(tmp_path):
     cfg = loader.default_data_config()
     cfg.update(dict(source="folder", data_dir=str(tmp_path), max_consecutive_bad=10, num_threads=0))
     it = loader.make_train_iterator(cfg, batch_size=2, image_size=16, seed=0)
-    with pytest.raises(RuntimeError, match="10 images in a row"):
+    with pytest.raises(RuntimeError, match=r"10 images in a row failed to decode \(last: \S*x.\d\.jpg: .*\)\. "
+                                           r"This is a broken data set .* raise cfg\.data\.max_consecutive_bad"):
         next(it)
 
 
@@ -320,7 +322,7 @@ def test_tfds_dataset_prepared_in_data_dir(decoder, prepared_tfds_dir, caplog):
                     tfds_decoder=decoder))
     assert loader.num_classes(cfg) == 5 and loader.num_examples(cfg, "train") == 8
     it = loader.make_train_iterator(cfg, batch_size=7, image_size=16, seed=0)
-    with caplog.at_level(logging.WARNING, logger="crate_jax.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="crate_jax.data.batching"):
         batches = _take(it, 2)  # 14 good > 7 good per epoch: the corrupt one was read
     assert all(b["image"].shape == (7, 16, 16, 3) for b in batches)
     assert it.stats()["bad_images"] >= 1
@@ -376,28 +378,49 @@ def test_config_errors_are_actionable(tmp_path, prepared_tfds_dir):
 def test_decode_handles_modes_and_rejects_bad_data():
     gray = io.BytesIO()
     Image.fromarray(np.full((5, 7), 200, np.uint8)).save(gray, format="PNG")
-    img = augment.decode_image(gray.getvalue())
-    assert img.mode == "RGB" and img.size == (7, 5) and augment.to_array(img)[0, 0].tolist() == [200] * 3
-    rgba = augment.decode_image(np.zeros((4, 4, 4), np.uint8))
+    img = decode_image(gray.getvalue())
+    assert img.mode == "RGB" and img.size == (7, 5) and to_array(img)[0, 0].tolist() == [200] * 3
+    rgba = decode_image(np.zeros((4, 4, 4), np.uint8))
     assert rgba.mode == "RGB"
     good = _jpeg(32, 32, 0)
     for bad in (good[: len(good) // 2], b"nope", np.zeros((4, 4, 2), np.uint8), np.zeros((4, 4, 3), np.float32)):
-        with pytest.raises(augment.DecodeError):
-            augment.decode_image(bad)
+        with pytest.raises(DecodeError):
+            decode_image(bad)
 
 
-def test_inception_box_respects_area_and_aspect_ranges():
+def test_inception_crop_follows_tf_sample_distorted_bounding_box():
+    """TrainAugment's crop is the one Inception crop (crops.inception_crop, TF's
+    sample_distorted_bounding_box as big_vision draws it): area area_min..1, aspect 3/4..4/3, the
+    whole image when no box fits; deterministic given the rng."""
     rng = np.random.default_rng(0)
     for width, height in [(500, 375), (64, 640), (10, 10)]:
-        for _ in range(200):
-            left, top, right, bottom = augment.sample_inception_box(width, height, rng, area_min=0.08)
-            w, h = right - left, bottom - top
-            assert 0 <= left < right <= width and 0 <= top < bottom <= height
-            if (width, height) == (500, 375):  # always fits here: no fallback
-                assert 0.08 * width * height * 0.9 <= w * h <= width * height
-                assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
-    # A very tall image hits the fallback: a centred box with aspect clamped to 3/4.
-    assert augment.sample_inception_box(10, 1000, np.random.default_rng(0), area_min=0.99) == (0, 493, 10, 506)
+        areas, aspects, whole = [], [], 0
+        for _ in range(300):
+            x, y, w, h = crops.sample_distorted_box(width, height, rng, (0.08, 1.0))
+            assert 0 <= x and 0 <= y and 0 < w and 0 < h and x + w <= width and y + h <= height
+            if (w, h) == (width, height):
+                whole += 1
+                continue
+            areas.append(w * h / (width * height))
+            aspects.append(w / h)
+        assert areas and 0.08 <= min(areas) and max(areas) <= 1.0
+        assert 3 / 4 - 0.05 <= min(aspects) and max(aspects) <= 4 / 3 + 0.05  # w = round(h * aspect)
+        if (width, height) == (500, 375):  # every draw fits here: the whole range is used, no fallback
+            assert whole == 0 and min(areas) < 0.15 and max(areas) > 0.9
+            assert min(aspects) < 0.8 and max(aspects) > 1.28
+    # No 99 % box of aspect >= 3/4 fits a 1:100 image: the fallback is the whole image.
+    assert crops.sample_distorted_box(10, 1000, np.random.default_rng(0), (0.99, 1.0)) == (0, 0, 10, 1000)
+
+    arr = np.random.default_rng(1).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    recipe = augment.TrainAugment(image_size=24, area_min=0.3, flip=False)
+    out = recipe(img, np.random.default_rng(5))
+    x, y, w, h = crops.sample_distorted_box(120, 90, np.random.default_rng(5), (0.3, 1.0))
+    assert (w, h) != (120, 90)
+    expected = img.resize((24, 24), Image.Resampling.BILINEAR, box=(x, y, x + w, y + h))
+    assert out.dtype == np.uint8 and np.array_equal(out, np.asarray(expected))  # that box, resized bilinearly
+    assert np.array_equal(out, recipe(img, np.random.default_rng(5)))
+    assert not np.array_equal(out, recipe(img, np.random.default_rng(6)))
 
 
 def test_eval_resize_small_centre_crop_and_plain_resize():

@@ -10,7 +10,7 @@ from crate_jax import export, predict
 from crate_jax.checkpoint.bundle import load_bundle, params_dict
 from crate_jax.parallel.mesh import make_mesh
 from crate_jax.parallel.sharding import param_shardings
-from crate_jax.train.finetune import read_params
+from crate_jax.checkpoint.params import read_params
 from crate_jax.train.loop import train_and_evaluate
 from train_helpers import tiny_config
 

@@ -17,7 +17,8 @@ LAUNCH = os.path.join(REPO_ROOT, "launch")
 TPU_VM = os.path.join(LAUNCH, "tpu_vm.py")
 sys.path.insert(0, REPO_ROOT)
 
-from launch import remote_scripts, tpu_slices, tpu_vm  # noqa: E402
+from crate_jax.parallel import tpu_slices  # noqa: E402
+from launch import remote_scripts, tpu_vm  # noqa: E402
 
 ZONE, PROJECT, NAME = "us-east5-a", "my-proj", "clipa-l14"
 WHERE = [f"--zone={ZONE}", f"--project={PROJECT}"]
@@ -72,7 +73,7 @@ def main_inproc(monkeypatch, capsys, *args: str):
     ("V6E-1", "v6e-1", 1, 1, "v2-alpha-tpuv6e"),
 ])
 def test_slice_chips_hosts_runtime(name, canonical, chips, hosts, runtime):
-    spec = tpu_slices.parse_accelerator_type(name)
+    spec = tpu_slices.parse(name)
     assert (spec.accelerator_type, spec.chips, spec.hosts, spec.runtime_version) == (
         canonical, chips, hosts, runtime)
     assert spec.chips_per_host * spec.hosts == chips
@@ -83,8 +84,8 @@ def test_slice_chips_hosts_runtime(name, canonical, chips, hosts, runtime):
 @pytest.mark.parametrize("name", ["v5p-100", "v4-4", "v4-8192", "v7-8", "v6e-12",
                                   "v5litepod-512", "tpu", "v3-8", "v5p-0", "v5p-"])
 def test_unknown_accelerator_types_are_refused(name):
-    with pytest.raises(tpu_slices.SliceError, match="unknown accelerator type"):
-        tpu_slices.parse_accelerator_type(name)
+    with pytest.raises(tpu_slices.SliceError, match="unknown TPU slice"):
+        tpu_slices.parse(name)
 
 
 def test_plan_prints_hosts(monkeypatch, capsys):
@@ -253,9 +254,9 @@ RUN = ["run", NAME, "--zone", ZONE, "--project", PROJECT, "--config", CLIPA, "--
     (["create", NAME, "--zone", ZONE, "--accelerator-type", "v5p-128"],
      "missing project: pass --project"),
     (["create", NAME, "--zone", ZONE, "--project", PROJECT, "--accelerator-type", "v5p-100"],
-     "--accelerator-type: unknown accelerator type 'v5p-100'"),
+     "--accelerator-type: unknown TPU slice 'v5p-100'"),
     (["create", NAME, "--zone", ZONE, "--project", PROJECT, "--accelerator-type", "v9-8"],
-     "unknown accelerator type 'v9-8'"),
+     "unknown TPU slice 'v9-8'"),
     (["create", NAME, "--zone", ZONE, "--project", PROJECT, "--accelerator-type", "v5p-8",
       "--spot", "--reserved"], "--spot and --reserved exclude each other"),
     (["create", NAME, "--zone", ZONE, "--project", PROJECT, "--accelerator-type", "v5p-8",

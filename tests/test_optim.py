@@ -89,3 +89,19 @@ def test_mixup_cutmix_soft_labels_are_consistent():
                                        rtol=1e-4, atol=1e-5)
         seen.add(is_cut)
     assert seen == {True, False}, "both mixup and cutmix should occur over 12 draws"
+
+
+def test_parameter_groups_scale_their_learning_rate():
+    """`lr_mults`: the head's updates are half the base ones at every step (same Adam state), a group
+    with multiplier 0 does not move, the rest is untouched; first match wins."""
+    grads = jax.tree.map(lambda x: 0.3 * x + 0.1, PARAMS)
+    base_tx, _ = build_optimizer(cfg(warmup_steps=0), PARAMS, 100)
+    tx, _ = build_optimizer(cfg(warmup_steps=0, lr_mults=[("head/.*", 0.5), ("t", 0.0), (".*", 1.0)]), PARAMS, 100)
+    sb, s = base_tx.init(PARAMS), tx.init(PARAMS)
+    for _ in range(3):
+        ub, sb = base_tx.update(grads, sb, PARAMS)
+        u, s = tx.update(grads, s, PARAMS)
+        np.testing.assert_allclose(u["head"]["kernel"], 0.5 * ub["head"]["kernel"], rtol=1e-6)
+        np.testing.assert_array_equal(u["t"], 0.0 * ub["t"])
+        np.testing.assert_array_equal(u["encoder"]["blocks"]["odl"]["D"], ub["encoder"]["blocks"]["odl"]["D"])
+        assert float(jnp.abs(ub["head"]["kernel"]).max()) > 0

@@ -13,6 +13,7 @@ import pytest
 
 import reference_np as R
 from crate_jax import convert, predict
+from crate_jax.weights import importer
 from crate_jax.checkpoint.bundle import load_bundle
 
 DIM, DEPTH, HEADS, PATCH, SIZE, CLASSES = 32, 2, 4, 8, 32, 10
@@ -54,7 +55,7 @@ def alpha_jax(seed=0, posemb="learn", bias=True):
 
 
 def ours_logits(fmt, tensors, x_nchw, **overrides):
-    cfg, params = convert.import_tensors(fmt, tensors, **overrides)
+    cfg, params = importer.import_tensors(fmt, tensors, **overrides)
     model = predict.model_from_params(cfg, params)
     return predict.predict_logits(model, x_nchw, layout="NCHW")
 

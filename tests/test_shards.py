@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crate_jax.data import arrayrecord_convert, shards, synth_scenes, tfds_captions
-from crate_jax.text.tokenizer import Tokenizer
+from crate_jax.data import arrayrecord_convert, batching, crops, shard_eval, shard_train, synth_scenes, tfds_captions
+from crate_jax.data.decode import DecodeError, draft_decode, open_image
+from crate_jax.data.shard_patterns import expand_braces, expand_pattern
+from crate_jax.data.tar_reader import ShardError, iter_shard
+from crate_jax.data.tar_writer import write_shard
+from crate_jax.text.tokenizer import Tokenizer, build_vocab_file
 
 S = 24  # output image size in tests
 
@@ -19,9 +23,10 @@ S = 24  # output image size in tests
 def scenes(tmp_path_factory):
     """6 train shards x 20 samples, 2 eval shards, 32 px images."""
     out = tmp_path_factory.mktemp("scenes")
-    synth_scenes.generate(out, train_samples=120, eval_samples=36, samples_per_shard=20, image_size=32, seed=3,
-                          vocab_size=300)
-    return synth_scenes.load_task(out)
+    synth_scenes.generate(out, train_samples=120, eval_samples=36, samples_per_shard=20, image_size=32, seed=3)
+    task = synth_scenes.load_task(out)
+    build_vocab_file(task["captions"], task["vocab"], 300)
+    return task
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +51,14 @@ def damaged(tmp_path_factory):
     good = [_sample(f"g{i:02d}", i) for i in range(10)]
     good[3]["jpg"] = b"\xff\xd8\xff\xe0 this is not a jpeg"  # corrupt image
     del good[6]["txt"]  # missing caption
-    shards.write_shard(d / "0.tar", good)
-    shards.write_shard(d / "1.tar", [_sample(f"t{i:02d}", i) for i in range(8)])
-    t05 = [s for s in shards.iter_shard(str(d / "1.tar")) if s.key == "t05"][0]
+    write_shard(d / "0.tar", good)
+    write_shard(d / "1.tar", [_sample(f"t{i:02d}", i) for i in range(8)])
+    t05 = [s for s in iter_shard(str(d / "1.tar")) if s.key == "t05"][0]
     raw = (d / "1.tar").read_bytes()
     (d / "1.tar").write_bytes(raw[: t05.start + 700])  # cut inside sample t05's jpg
     (d / "2.tar").write_bytes(os.urandom(3000))  # garbage, not a tar
     (d / "3.tar").write_bytes(b"")  # empty
-    shards.write_shard(d / "5.tar", [_sample(f"h{i:02d}", i) for i in range(6)])
+    write_shard(d / "5.tar", [_sample(f"h{i:02d}", i) for i in range(6)])
     # 4.tar does not exist.
     expected = ({f"g{i:02d}" for i in range(10)} - {"g03", "g06"}) | {f"t{i:02d}" for i in range(5)} \
         | {f"h{i:02d}" for i in range(6)}
@@ -68,7 +73,7 @@ def _train(pattern, tok, **kw):
     args = dict(batch_size=5, image_size=S, tokenizer=tok, seed=0, shuffle_buffer=7, cycle_length=2,
                 num_threads=2, prefetch=2, with_keys=True)
     args.update(kw)
-    return shards.make_train_iterator(pattern, **args)
+    return shard_train.make_train_iterator(pattern, **args)
 
 
 def _take(it, n):
@@ -82,21 +87,21 @@ def _take(it, n):
 
 
 def test_expand_pattern(tmp_path):
-    assert shards.expand_braces("s/{00008..00011}.tar") == [f"s/{i:05d}.tar" for i in range(8, 12)]
-    assert shards.expand_braces("{0..10..5}-{a,b{1..2}}") == ["0-a", "0-b1", "0-b2", "5-a", "5-b1", "5-b2",
-                                                              "10-a", "10-b1", "10-b2"]
-    assert shards.expand_braces("x{3..1}") == ["x3", "x2", "x1"]
-    assert shards.expand_braces("lit{x}.tar") == ["lit{x}.tar"]
-    assert shards.expand_pattern("a{0..1}.tar, b.tar::c{1,2}.tar") == ["a0.tar", "a1.tar", "b.tar", "c1.tar", "c2.tar"]
-    assert shards.expand_pattern(["a.tar", "gs://bkt/d/{08..10}.tar"]) == [
+    assert expand_braces("s/{00008..00011}.tar") == [f"s/{i:05d}.tar" for i in range(8, 12)]
+    assert expand_braces("{0..10..5}-{a,b{1..2}}") == ["0-a", "0-b1", "0-b2", "5-a", "5-b1", "5-b2",
+                                                       "10-a", "10-b1", "10-b2"]
+    assert expand_braces("x{3..1}") == ["x3", "x2", "x1"]
+    assert expand_braces("lit{x}.tar") == ["lit{x}.tar"]
+    assert expand_pattern("a{0..1}.tar, b.tar::c{1,2}.tar") == ["a0.tar", "a1.tar", "b.tar", "c1.tar", "c2.tar"]
+    assert expand_pattern(["a.tar", "gs://bkt/d/{08..10}.tar"]) == [
         "a.tar", "gs://bkt/d/08.tar", "gs://bkt/d/09.tar", "gs://bkt/d/10.tar"]
     for name in ("b.tar", "a.tar", "c.txt"):
         (tmp_path / name).write_bytes(b"")
-    assert shards.expand_pattern(str(tmp_path / "*.tar")) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    assert expand_pattern(str(tmp_path / "*.tar")) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
     with pytest.raises(ValueError, match="listed twice"):
-        shards.expand_pattern("a{0,0}.tar")
+        expand_pattern("a{0,0}.tar")
     with pytest.raises(FileNotFoundError, match="matches no files"):
-        shards.expand_pattern(str(tmp_path / "*.zip"))
+        expand_pattern(str(tmp_path / "*.zip"))
 
 
 def test_process_and_filesystem_errors(scenes, tok):
@@ -113,7 +118,7 @@ def test_process_and_filesystem_errors(scenes, tok):
 
 
 def test_each_epoch_covers_every_sample_once_across_two_processes(scenes, tok):
-    all_keys = {s.key for p in shards.expand_pattern(scenes["train_pattern"]) for s in shards.iter_shard(p)}
+    all_keys = {s.key for p in expand_pattern(scenes["train_pattern"]) for s in iter_shard(p)}
     assert len(all_keys) == 120
     per_process = []
     for p in range(2):
@@ -169,7 +174,7 @@ def test_exact_resume_mid_shard(which, scenes, damaged, tok):
 
 def test_damaged_inputs_are_skipped_counted_and_logged(damaged, tok, caplog):
     pattern, expected = damaged
-    caplog.set_level(logging.WARNING, logger="crate_jax.data.shards")
+    caplog.set_level(logging.WARNING, logger="crate_jax.data.batching")
     it = _train(pattern, tok, batch_size=1, shuffle=False, cycle_length=1)
     keys = _keys(_take(it, len(expected)))
     assert set(keys) == expected and len(keys) == len(expected)  # one clean epoch of what is readable
@@ -184,6 +189,28 @@ def test_damaged_inputs_are_skipped_counted_and_logged(damaged, tok, caplog):
     assert "4.tar: cannot open" in text
 
 
+def test_skip_counter_logs_first_then_every_kth_and_stops_a_bad_run(caplog):
+    counter = batching.SkipCounter(("samples", "bad_images"), max_in_a_row=5, advice="Check the decoder.")
+    with caplog.at_level(logging.WARNING, logger="crate_jax.data.batching"):
+        for i in range(2100):
+            counter.skip("bad_images", f"0.tar: sample 'k{i}'")
+            counter.used("samples")
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == batching.LOG_FIRST + 2  # #1..#20, then #1000 and #2000
+    assert logged[0] == "skipped (bad_images #1): 0.tar: sample 'k0'"
+    assert logged[-1] == "skipped (bad_images #2000): 0.tar: sample 'k1999'"
+    assert counter.snapshot() == {"samples": 2100, "bad_images": 2100}
+    for i in range(4):
+        counter.skip("bad_images", f"k{i}")
+    with pytest.raises(RuntimeError, match=r"^5 images in a row failed to decode \(last: k4\)\. Check the decoder\.$"):
+        counter.skip("bad_images", "k4")
+    counter.restore({"bad_images": 3})  # a resumed run starts a fresh run of skips
+    counter.skip("bad_images", "k5")
+    assert counter.snapshot() == {"samples": 0, "bad_images": 4}
+    rows, mask = batching.pad_rows(["a", "b"], 4, "")
+    assert rows == ["a", "b", "", ""] and mask.tolist() == [True, True, False, False]
+
+
 def test_all_shards_unusable_is_an_error(tmp_path, tok):
     (tmp_path / "0.tar").write_bytes(b"junk" * 300)
     with pytest.raises(RuntimeError, match="none of the 1 shards"):
@@ -191,14 +218,14 @@ def test_all_shards_unusable_is_an_error(tmp_path, tok):
 
 
 def test_caption_choice_and_json_captions(tmp_path, tok):
-    shards.write_shard(tmp_path / "0.tar", [
+    write_shard(tmp_path / "0.tar", [
         {"__key__": "multi", "jpg": _jpeg((200, 0, 0)), "txt": "a red circle\n\na blue square\na green triangle\n"},
     ])
-    shards.write_shard(tmp_path / "1.tar", [
+    write_shard(tmp_path / "1.tar", [
         {"__key__": "viajson", "jpg": _jpeg((0, 0, 200)), "json": json.dumps({"captions": ["a blue circle"]})},
     ])
     def captions(seed):
-        it = shards.make_eval_iterator(str(tmp_path / "{0,1}.tar"), batch_size=2, image_size=8, with_captions=True)
+        it = shard_eval.make_eval_iterator(str(tmp_path / "{0,1}.tar"), batch_size=2, image_size=8, with_captions=True)
         first = next(it)["caption"]
         train = _train(str(tmp_path / "0.tar"), tok, batch_size=1, seed=seed, prefetch=0)
         return first, [int(b["text"][0, 2]) for b in _take(train, 30)]  # the colour word's id
@@ -214,13 +241,13 @@ def test_inception_crop_box_follows_clipa_ranges():
     rng = np.random.default_rng(0)
     for w, h in [(640, 480), (300, 900), (50, 50)]:
         for _ in range(200):
-            x, y, cw, ch = shards.sample_distorted_box(w, h, rng, (0.4, 1.0))
+            x, y, cw, ch = crops.sample_distorted_box(w, h, rng, (0.4, 1.0))
             assert 0 <= x and 0 <= y and x + cw <= w and y + ch <= h
             if (cw, ch) != (w, h):
                 assert 0.4 <= cw * ch / (w * h) <= 1.0
                 assert 3 / 4 - 0.05 <= cw / ch <= 4 / 3 + 0.05
     # A 2:1 image cannot hold a 100 % crop with aspect <= 4/3: fallback to the whole image.
-    assert shards.sample_distorted_box(200, 100, rng, (1.0, 1.0)) == (0, 0, 200, 100)
+    assert crops.sample_distorted_box(200, 100, rng, (1.0, 1.0)) == (0, 0, 200, 100)
 
 
 def test_decode_ops_orientation_and_bad_bytes():
@@ -230,28 +257,40 @@ def test_decode_ops_orientation_and_bad_bytes():
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, "PNG")
     data = buf.getvalue()
-    out = shards.decode_inception_crop(data, 16, np.random.default_rng(0), area_min=100)
+    out = crops.decode_inception_crop(data, 16, np.random.default_rng(0), area_min=100)
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
     assert out[:, :7, 0].min() > 240 and out[:, :7, 2].max() < 15 and out[:, 9:, 2].min() > 240
-    centre = shards.decode_resize_small_crop(data, 16)  # 100x200 -> 16x32 -> centre 16x16
+    centre = crops.decode_resize_small_crop(data, 16)  # 100x200 -> 16x32 -> centre 16x16
     assert centre.shape == (16, 16, 3) and centre[:, :7, 0].min() > 240 and centre[:, 9:, 2].min() > 240
-    fast = shards.decode_inception_crop(_jpeg((0, 200, 0), (800, 600)), 16, np.random.default_rng(0), fast_decode=True)
+    fast = crops.decode_inception_crop(_jpeg((0, 200, 0), (800, 600)), 16, np.random.default_rng(0), fast_decode=True)
     assert abs(int(fast[..., 1].mean()) - 200) < 4
-    with pytest.raises(shards.BadImage):
-        shards.decode_inception_crop(b"\xff\xd8 nope", 16, np.random.default_rng(0))
+    with pytest.raises(DecodeError):
+        crops.decode_inception_crop(b"\xff\xd8 nope", 16, np.random.default_rng(0))
+    # Draft decoding really decodes smaller (800x600 -> 200x150, still >= 150x120) and keeps the crop.
+    photo = np.asarray(Image.fromarray(np.random.default_rng(0).integers(0, 255, (6, 8, 3), np.uint8))
+                       .resize((800, 600), Image.Resampling.BICUBIC))
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, "JPEG", quality=95)
+    img = open_image(buf.getvalue())
+    assert draft_decode(img, 150, 120) == (0.25, 0.25) and img.size == (200, 150)
+    for one_pass in (False, True):
+        full = crops.resize_small_centre_crop(open_image(buf.getvalue()), 64, 48, one_pass=one_pass)
+        drafted = crops.resize_small_centre_crop(open_image(buf.getvalue()), 64, 48, one_pass=one_pass, draft=True)
+        assert drafted.size == full.size == (48, 48)
+        assert np.abs(np.asarray(drafted, float) - np.asarray(full, float)).mean() < 3
 
 
 # ----------------------------------------------------------------------------- eval
 
 
 def test_eval_iterator_two_processes(scenes, tok):
-    all_eval = {s.key: json.loads(s.json) for p in shards.expand_pattern(scenes["eval_pattern"])
-                for s in shards.iter_shard(p)}
+    all_eval = {s.key: json.loads(s.json) for p in expand_pattern(scenes["eval_pattern"])
+                for s in iter_shard(p)}
     seen, lengths = {}, []
     for p in range(2):
-        it = shards.make_eval_iterator(scenes["eval_pattern"], batch_size=7, image_size=S, tokenizer=tok,
-                                       process_index=p, process_count=2, label_key="label", with_captions=True,
-                                       with_keys=True)
+        it = shard_eval.make_eval_iterator(scenes["eval_pattern"], batch_size=7, image_size=S, tokenizer=tok,
+                                           process_index=p, process_count=2, label_key="label", with_captions=True,
+                                           with_keys=True)
         batches = list(it)
         lengths.append(len(batches))
         for b in batches:
@@ -273,8 +312,8 @@ def test_synth_scenes_shards_and_held_out_task(scenes, tmp_path):
     classes, held = scenes["classes"], scenes["held_out"]
     assert len(classes) >= 10 and set(held) == set(classes)
     for split, pattern in (("train", scenes["train_pattern"]), ("eval", scenes["eval_pattern"])):
-        for path in shards.expand_pattern(pattern):
-            for s in shards.iter_shard(path):
+        for path in expand_pattern(pattern):
+            for s in iter_shard(path):
                 meta = json.loads(s.json)
                 assert np.asarray(Image.open(io.BytesIO(s.image))).shape == (32, 32, 3)
                 caption = s.text.decode()
@@ -285,10 +324,16 @@ def test_synth_scenes_shards_and_held_out_task(scenes, tmp_path):
     tok = Tokenizer(scenes["vocab"], 16)
     prompts = [t.format(c) for c in classes for t in scenes["templates"]]
     assert not (tok(prompts) == 100).any()  # no [UNK] in any zero-shot prompt
+    # The vocab's corpus: every train caption in shard order, then the prompts; no eval caption.
+    train_captions = [s.text.decode() for p in expand_pattern(scenes["train_pattern"]) for s in iter_shard(p)]
+    with open(scenes["captions"], encoding="utf-8") as f:
+        assert f.read().splitlines() == train_captions + prompts
+    assert synth_scenes.vocab_command("D") == "python -m crate_jax.text.tokenizer --corpus D/captions.txt " \
+        f"--out D/vocab.txt --size {synth_scenes.VOCAB_SIZE}"
     # Deterministic by seed: the same shard bytes again.
     again = synth_scenes.generate(tmp_path, train_samples=20, eval_samples=1, samples_per_shard=20, image_size=32,
-                                  seed=3, vocab_size=300)
-    first_train = shards.expand_pattern(scenes["train_pattern"])[0]
+                                  seed=3)
+    first_train = expand_pattern(scenes["train_pattern"])[0]
     assert (tmp_path / "train" / "00000.tar").read_bytes() == open(first_train, "rb").read()
     assert again["held_out"] == held
 
@@ -368,7 +413,7 @@ def test_tfds_layout_reader(tmp_path, tok):
 def test_arrayrecord_converter_round_trip(scenes, damaged, tmp_path, tok):
     pattern = [scenes["train_pattern"], damaged[0]]
     result = arrayrecord_convert.convert(pattern, tmp_path / "ar")
-    tar_samples = [s for p in shards.expand_pattern(pattern) for s in _readable(p)
+    tar_samples = [s for p in expand_pattern(pattern) for s in _readable(p)
                    if s.image is not None and s.text is not None]
     assert result["num_examples"] == len(tar_samples) == 120 + len(damaged[1]) + 1  # + g03 (image not verified)
     assert result["stats"]["bad_shards"] == 3 and result["stats"]["truncated_shards"] == 1
@@ -385,6 +430,6 @@ def test_arrayrecord_converter_round_trip(scenes, damaged, tmp_path, tok):
 
 def _readable(path):
     try:
-        yield from shards.iter_shard(path)
-    except shards.ShardError:
+        yield from iter_shard(path)
+    except ShardError:
         pass

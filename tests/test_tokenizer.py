@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from crate_jax.text import tokenizer as T
 from crate_jax.text.tokenizer import BERT_SPECIAL_TOKENS, Tokenizer, build_vocab, read_vocab
 
 # Hand-written vocab, ids 104.. after the 104 BERT special entries.
@@ -100,3 +101,17 @@ def test_build_vocab_bert_layout_and_round_trip(tmp_path):
     assert [lines[i] for i in ids[: 1 + 5]] == ["[CLS]", "a", "large", "red", "circle", "."]
     # Unseen letters are [UNK]; seen letters still spell unseen words through ## pieces.
     assert 100 in tok(["zzz"])[0] and 100 not in tok(["carrot"])[0]
+
+
+def test_vocab_command_trains_on_a_caption_file(tmp_path, capsys):
+    captions = ["a large red circle at the top left", "", "a photo of a green triangle."] * 20
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("\n".join(captions) + "\n", encoding="utf-8")
+    T.main(["--corpus", str(corpus), "--out", str(tmp_path / "vocab.txt"), "--size", "300"])
+    lines = (tmp_path / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert capsys.readouterr().out == f"wrote {len(lines)} tokens to {tmp_path / 'vocab.txt'}\n"
+    assert lines[:104] == BERT_SPECIAL_TOKENS and {"circle", "triangle", "photo", "green"} <= set(lines)
+    tok = Tokenizer(tmp_path / "vocab.txt", 8)
+    assert 100 not in tok(["a red triangle at the left."])[0]
+    with pytest.raises(FileNotFoundError, match="nothing.txt not found; expected a UTF-8 text file"):
+        T.build_vocab_file(tmp_path / "nothing.txt", tmp_path / "v.txt", 300)

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+from ml_collections import ConfigDict
+
 from configs import digits
 
 
@@ -16,6 +18,7 @@ def tiny_config(**overrides):
     c.eval_every = 0
     c.checkpoint_every = 2
     c.data.eval_split = None
+    c.evals = ConfigDict()
     c.async_checkpoints = False
     for k, v in overrides.items():
         node = c

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from crate_jax.models import ImageClassifier, ModelConfig, build_model
+from crate_jax.models import registry
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
@@ -33,21 +33,6 @@ PARAMS_DIR = "params"
 
 class BundleError(ValueError):
     """A bundle directory that cannot be read or written; the message names the path."""
-
-
-def _kinds() -> dict[str, tuple[Callable[[dict], Any], Callable[[Any, int], nnx.Module]]]:
-    """kind -> (config from dict, model from config). Two-tower models register in crate_jax.clip."""
-    kinds = {"classifier": (ModelConfig.from_dict, build_model)}
-    try:
-        from crate_jax.clip.model import TwoTowerConfig, build_two_tower
-        kinds["two_tower"] = (TwoTowerConfig.from_dict, build_two_tower)
-    except ImportError:
-        pass
-    return kinds
-
-
-def kind_of(cfg) -> str:
-    return "classifier" if isinstance(cfg, ModelConfig) else "two_tower"
 
 
 def params_dict(model: nnx.Module) -> dict:
@@ -66,7 +51,7 @@ def save_bundle(directory: str | os.PathLike, cfg, params: dict, *, source: str 
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        meta = {"kind": kind_of(cfg), "config": cfg.to_dict(), "source": source, **(extra or {})}
+        meta = {"kind": registry.kind_of(cfg), "config": cfg.to_dict(), "source": source, **(extra or {})}
         (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
@@ -92,12 +77,15 @@ def read_meta(directory: str | os.PathLike) -> dict:
 
 
 def load_config(directory):
+    """The model config a bundle's (or training workdir's) `model.json` describes."""
     meta = read_meta(directory)
-    kinds = _kinds()
-    if meta.get("kind") not in kinds:
+    if meta.get("kind") not in registry.KINDS:
         raise BundleError(f"{directory}/{MODEL_JSON}: unknown kind {meta.get('kind')!r}, expected one of "
-                          f"{sorted(kinds)}")
-    return kinds[meta["kind"]][0](meta["config"])
+                          f"{sorted(registry.KINDS)}")
+    try:
+        return registry.config_from_dict(meta["kind"], meta["config"])
+    except (registry.ConfigError, TypeError, KeyError) as e:
+        raise BundleError(f"{directory}/{MODEL_JSON}: the stored config does not build: {e}") from e
 
 
 def load_bundle(directory: str | os.PathLike, *, cfg=None, shardings: Callable[[nnx.State], Any] | None = None):
@@ -107,8 +95,7 @@ def load_bundle(directory: str | os.PathLike, *, cfg=None, shardings: Callable[[
     directory = Path(directory)
     stored = load_config(directory)
     cfg = cfg or stored
-    build = _kinds()[kind_of(cfg)][1]
-    abstract = nnx.eval_shape(lambda: build(cfg, 0))
+    abstract = registry.abstract(cfg)
     graphdef, param_state, rest = nnx.split(abstract, nnx.Param, ...)
     target = nnx.to_pure_dict(param_state)
     sh = None if shardings is None else nnx.to_pure_dict(shardings(param_state))

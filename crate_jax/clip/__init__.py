@@ -1,11 +1,11 @@
-"""CLIPA-style image-text pre-training (SPEC.md §3, §7.4, §7.5).
+"""CLIPA-style image-text pre-training (SPEC.md §3, §7.4, §7.5) on the shared engine.
 
-* `crate_jax.clip.model`: the two-tower model (`TwoTowerConfig`, `build_two_tower`, text tower).
-* `crate_jax.clip.loss`: global-batch contrastive and sigmoid losses, one device's rows at a time.
 * `crate_jax.clip.task`: `ClipTask`, the engine's task for `config.task == 'clip'`.
-* `crate_jax.clip.zeroshot`: zero-shot classification and image↔text retrieval.
-* `crate_jax.clip.convert_clipa`: official CLIPA `.npz` checkpoints <-> two-tower bundles.
+* `crate_jax.clip.loss`: global-batch contrastive and sigmoid losses, one device's rows at a time.
+* `crate_jax.clip.zeroshot`: zero-shot classification and image↔text retrieval, and their evaluators.
 * `crate_jax.clip.demo`: `python -m crate_jax.clip.demo --workdir DIR`.
 
-Submodules are imported explicitly, so importing the package stays cheap.
+The two-tower model and the text tower live in `crate_jax.models` (`two_tower`, `text`); the
+official CLIPA checkpoint layout in `crate_jax.weights.clipa`. Submodules are imported explicitly,
+so importing the package stays cheap.
 """

@@ -63,7 +63,8 @@ def run_stage(name: str, arg: str, workdir: Path) -> dict:
 
 def final_eval(workdir: Path) -> dict:
     """The last eval row of a stage's metrics.jsonl."""
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    from crate_jax.train.metrics import read_metrics
+    rows = read_metrics(workdir / "metrics.jsonl")
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     if not evals:
         raise RuntimeError(f"{workdir}/metrics.jsonl has no eval rows")
@@ -74,7 +75,7 @@ def export_bundle(workdir: Path, arg: str, out: Path) -> Path:
     from configs import clipa
     from crate_jax.checkpoint.bundle import save_bundle
     from crate_jax.clip.task import two_tower_config_from
-    from crate_jax.train.finetune import read_params
+    from crate_jax.checkpoint.params import read_params
     cfg = two_tower_config_from(clipa.get_config(arg))
     return save_bundle(out, cfg, read_params(workdir), source=f"crate_jax.clip.demo:{workdir.name}", overwrite=True)
 
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         synth_scenes.generate(data, train_samples=args.train_samples, eval_samples=1_000, samples_per_shard=1_000,
                               image_size=64, seed=args.seed, workers=2)
+        from crate_jax.text.tokenizer import build_vocab_file
+        build_vocab_file(data / "captions.txt", data / "vocab.txt", synth_scenes.VOCAB_SIZE)
         print(f"== data written in {time.perf_counter() - t0:.0f}s", flush=True)
 
     pre_arg = stage_args(data, stage="pretrain", steps=args.pretrain_steps, batch=args.batch, lr=3e-3,

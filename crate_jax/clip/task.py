@@ -1,21 +1,17 @@
 """CLIPA image-text training as a task of the shared engine (`crate_jax.train.loop`).
 
 The task supplies the two-tower model, the global-batch contrastive loss, the caption data
-(webdataset shards or a TFDS directory, tokenised with the BERT WordPiece tokenizer), the
+(webdataset shards or a TFDS directory, tokenised with the BERT WordPiece tokenizer) and the
 initialisation from an earlier checkpoint (pre-training from a two-tower checkpoint whose text
 tower stays frozen; fine-tuning at a higher resolution with the image position embedding
-resampled), and the evaluation (zero-shot classification and retrieval, `extra_eval`).
+resampled). Its evaluators (`crate_jax.clip.zeroshot`) are zero-shot classification and retrieval.
 
 Config keys read here (see `configs/clipa.py` for the values of the recipes):
   res, txt_len, batch_size, total_steps, seed, optim.freeze, init.{checkpoint, dont_load,
   posemb_resample}, model.{image, text, out_dim, loss, mask_ratio, temperature_init},
   data.{source, shards, tfds_dir, tfds_split, vocab, shuffle_buffer, cycle_length, area_min,
-  area_max, num_threads, prefetch, fast_decode}, evals.{batch_size, zeroshot, retrieval}.
-
-`evals.zeroshot.<name>`: `source` 'shards' (`shards` pattern, `label_key` in each sample's json) or
-'tfds' (`name`, `data_dir`, `split`, `decoder` 'pil' | 'tfds'), plus `classnames` and `templates`
-files and `skip_if_missing` (a dataset that cannot be opened is reported and skipped).
-`evals.retrieval.<name>`: `source` 'shards' with `shards`. Results: `eval/<name>/<metric>`.
+  area_max, num_threads, prefetch, fast_decode}, and the evaluators in `evals` (types 'zeroshot'
+  and 'retrieval', see `crate_jax.clip.zeroshot`).
 
 With `microbatches > 1` the contrastive loss is computed within each microbatch (a smaller
 contrastive batch), not over the whole global batch.
@@ -34,11 +30,14 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from crate_jax.clip import loss as loss_lib
-from crate_jax.clip.model import TwoTowerConfig, build_two_tower, text_config, two_tower_config
 from crate_jax.models.config import ConfigError
+from crate_jax.models.flops import block_flops
+from crate_jax.models.preprocess import normalize
+from crate_jax.models.text import text_config
+from crate_jax.models.two_tower import TwoTowerConfig, build_two_tower, two_tower_config
 from crate_jax.train import metrics as M
-from crate_jax.train.classification import normalize
 from crate_jax.train.optim import path_str
+from crate_jax.train.task import TaskBase
 
 DATA_SOURCES = ("shards", "tfds")
 
@@ -72,20 +71,17 @@ def _local_copy(path: str) -> str:
     return local
 
 
-class ClipTask:
-    """The engine's task interface for two-tower image-text training (see `SupervisedTask`)."""
+class ClipTask(TaskBase):
+    """`config.task = 'clip'`: batches `{'image': uint8 [B, S, S, 3], 'text': int32 [B, L]}`."""
 
     def __init__(self, config: ConfigDict):
-        self.config = config
+        super().__init__(config)
         self.model_cfg = two_tower_config_from(config)
-        self.global_batch_size = int(config.batch_size)
         if not config.get("total_steps"):
             raise ConfigError("config.total_steps must be set for CLIP training (steps=N in configs/clipa.py)")
-        self.total_steps = int(config.total_steps)
         self.mesh = None  # set by validate(); the loss computes each device's rows on it
         self._tokenizer = None
-        self._skipped_evals: set[str] = set()
-        self._embedder = None  # (graphdef, zeroshot.Embedder): compiled once, reused at every evaluation
+        self._embedders: dict = {}  # (graphdef id, batch) -> zeroshot.Embedder, compiled once
         freeze = [re.compile(f) for f in (config.optim.get("freeze", []) or [])]
         paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(
             nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build_two_tower(self.model_cfg, 0)), nnx.Param)))]
@@ -104,22 +100,16 @@ class ClipTask:
                 + (f", frozen: {' and '.join(frozen)}" if frozen else ""))
 
     def validate(self, mesh) -> None:
-        from crate_jax.parallel.mesh import data_parallel_size
-        from crate_jax.train.validate import check_batch
-        check_batch(self.config, mesh)
         self.mesh = mesh
         data = self.config.data
         if data.source not in DATA_SOURCES:
             raise ConfigError(f"config.data.source: got {data.source!r}, expected one of {DATA_SOURCES}")
-        dp, n_proc = data_parallel_size(mesh), jax.process_count()
-        eb = int(self.config.evals.get("batch_size", self.global_batch_size))
-        if eb % dp or eb % n_proc:
-            raise ConfigError(f"config.evals.batch_size {eb} must be divisible by data×fsdp = {dp} and by the "
-                              f"{n_proc} processes")
-
-    @property
-    def per_process_batch(self) -> int:
-        return self.global_batch_size // jax.process_count()
+        init = self.config.get("init", None)
+        if (not init or not init.get("checkpoint")) and self.text_frozen:
+            raise ConfigError("the text tower is frozen (config.optim.freeze) but config.init.checkpoint is "
+                              "unset, so it would stay at its random init: pass init=PATH (a two-tower bundle, "
+                              "e.g. from `crate_jax.convert --format clipa-jax`, or a CLIP training workdir) or "
+                              "freeze_text=False")
 
     @property
     def tokenizer(self):
@@ -142,27 +132,25 @@ class ClipTask:
     def build_model(self, seed: int):
         return build_two_tower(self.model_cfg, seed)
 
-    def example_batch(self) -> dict:
-        b, s, n = self.per_process_batch, self.model_cfg.image.image_size, self.model_cfg.text.max_len
-        return {"image": np.zeros((b, s, s, 3), np.uint8), "text": np.zeros((b, n), np.int32)}
+    def batch_spec(self) -> dict:
+        s, n = self.model_cfg.image.image_size, self.model_cfg.text.max_len
+        return {"image": jax.ShapeDtypeStruct((s, s, 3), np.uint8), "text": jax.ShapeDtypeStruct((n,), np.int32)}
 
-    def train_flops_per_example(self) -> float:
+    def flops_per_example(self) -> float:
         """Image tower forward+backward (3×, on the kept tokens), text tower 3× or 1× when frozen, and
         the `[B, B]` logits of both directions."""
-        from crate_jax.models.flops import block_flops
         c = self.model_cfg
         img = c.image
         n = max(1, int(img.num_patches * (1.0 - c.mask_ratio)))
         img_fwd = (2 * img.num_patches * img.patch_size ** 2 * img.channels * img.width
-                   + img.depth * block_flops(img, n + 1) + 2 * img.width * c.out_dim)
-        bc = c.text.block_config()
-        txt_fwd = c.text.depth * block_flops(bc, c.text.max_len) + 2 * c.text.width * c.out_dim
-        logits = 2 * 2 * self.global_batch_size * c.out_dim
+                   + img.depth * block_flops(img.block, n + 1) + 2 * img.width * c.out_dim)
+        txt_fwd = c.text.depth * block_flops(c.text.block, c.text.max_len) + 2 * c.text.width * c.out_dim
+        logits = 2 * 2 * int(self.config.batch_size) * c.out_dim
         return float(3 * img_fwd + (1 if self.text_frozen else 3) * txt_fwd + 3 * logits)
 
     # ------------------------------------------------------------------------------ training
-    def loss(self, model, batch, rng):
-        """Global-batch contrastive (or sigmoid) loss; `batch = {'image': uint8, 'text': int32}`."""
+    def loss(self, model, batch, rng, extras):
+        """Global-batch contrastive (or sigmoid) loss."""
         k_img, k_txt = jax.random.split(rng)
         zimg = model.encode_image(normalize(batch["image"]), train=True, rng=k_img)
         ztxt = model.encode_text(batch["text"], train=True, rng=k_txt)
@@ -180,116 +168,73 @@ class ClipTask:
         metrics["train/t"] = t
         if b is not None:
             metrics["train/b"] = b
-        return loss, metrics
+        return loss, metrics, None
 
-    def train_iterator(self):
+    def train_iterator(self, *, batch_size: int, process_index: int, process_count: int):
         d = self.config.data
-        common = dict(batch_size=self.per_process_batch, image_size=self.model_cfg.image.image_size,
-                      tokenizer=self.tokenizer, seed=int(self.config.seed), process_index=jax.process_index(),
-                      process_count=jax.process_count(), area_min=float(d.get("area_min", 40.0)),
+        common = dict(batch_size=batch_size, image_size=self.model_cfg.image.image_size,
+                      tokenizer=self.tokenizer, seed=int(self.config.seed), process_index=process_index,
+                      process_count=process_count, area_min=float(d.get("area_min", 40.0)),
                       area_max=float(d.get("area_max", 100.0)), num_threads=d.get("num_threads") or None,
                       prefetch=int(d.get("prefetch", 2)), fast_decode=bool(d.get("fast_decode", False)))
         if d.source == "shards":
-            from crate_jax.data import shards
+            from crate_jax.data import shard_train
             if not d.get("shards"):
                 raise ConfigError("config.data.shards is empty: pass shards=PATTERN, e.g. "
                                   "'gs://bucket/datacomp/{00000..12799}.tar'")
-            return shards.make_train_iterator(d.shards, shuffle_buffer=int(d.get("shuffle_buffer", 10_000)),
-                                              cycle_length=int(d.get("cycle_length", 4)), **common)
+            return shard_train.make_train_iterator(d.shards, shuffle_buffer=int(d.get("shuffle_buffer", 10_000)),
+                                                   cycle_length=int(d.get("cycle_length", 4)), **common)
         from crate_jax.data import tfds_captions
         if not d.get("tfds_dir"):
             raise ConfigError("config.data.tfds_dir is empty: pass tfds=DIR, the TFDS builder directory "
                               "(with dataset_info.json) holding 'jpg' and 'txt' features")
         return tfds_captions.make_train_iterator(d.tfds_dir, split=d.get("tfds_split", "train"), **common)
 
-    def initial_params(self, abstract, mesh, param_sh):
-        """Fresh parameters initialised straight into their shardings, or (`config.init.checkpoint`) loaded
-        from a bundle / training workdir: names matching `init.dont_load` keep their fresh values, the
-        image position embedding is resampled (`init.posemb_resample`, CLIPA: '1d'), a text position
-        embedding of another length is resampled along its token axis."""
-        init = self.config.get("init", None)
-        if (not init or not init.get("checkpoint")) and self.text_frozen:
-            raise ConfigError("the text tower is frozen (config.optim.freeze) but config.init.checkpoint is "
-                              "unset, so it would stay at its random init: pass init=PATH (a two-tower bundle, "
-                              "e.g. from crate_jax.clip.convert_clipa, or a CLIP training workdir) or "
-                              "freeze_text=False")
-        fresh = jax.jit(lambda: nnx.to_pure_dict(nnx.state(self.build_model(self.config.seed), nnx.Param)),
-                        out_shardings=param_sh)()
-        if not init or not init.get("checkpoint"):
-            return fresh
+    def init_params(self, fresh: dict) -> dict:
+        """`config.init.checkpoint` (a bundle or a training workdir) merged into `fresh`: names matching
+        `init.dont_load` keep their fresh values, the image position embedding is resampled
+        (`init.posemb_resample`, CLIPA: '1d'), a text position embedding of another length is
+        resampled along its token axis."""
+        from crate_jax.checkpoint.params import read_params
         from crate_jax.models import posemb
-        from crate_jax.train.finetune import adapt, read_params
+        from crate_jax.train.pretrained import adapt
+        init = self.config.init
         loaded = read_params(init.checkpoint)
-        host_fresh = jax.device_get(fresh)
         pos = loaded.get("txt", {}).get("pos_embedding") if isinstance(loaded.get("txt"), dict) else None
-        want = host_fresh["txt"]["pos_embedding"].shape
+        want = fresh["txt"]["pos_embedding"].shape
         if pos is not None and pos.shape != want and pos.ndim == 3:
             loaded["txt"]["pos_embedding"] = posemb.resample_1d(pos, want[1])
-        params = adapt(loaded, host_fresh, dont_load=init.get("dont_load", None) or None,
+        params = adapt(loaded, fresh, dont_load=init.get("dont_load", None) or None,
                        posemb_mode=init.get("posemb_resample", "1d"))
         M.console(f"initialised from {init.checkpoint} (fresh: {init.get('dont_load', None) or 'nothing'}; "
                   f"posemb resample {init.get('posemb_resample', '1d')})")
-        return jax.device_put(params, param_sh)
+        return params
 
     # ------------------------------------------------------------------------------ evaluation
-    def eval_iterators(self) -> dict:
-        return {}  # every CLIP evaluation needs the whole eval set at once: see extra_eval
-
-    def eval_batch(self, model, batch):
-        return {}
-
-    @staticmethod
-    def summarize(sums: dict) -> dict:
-        return {}
-
-    def _eval_iter(self, spec: ConfigDict, *, with_text: bool, batch: int):
+    def eval_iterator(self, spec: ConfigDict, *, with_text: bool, batch: int):
+        """One pass over an evaluator's data (`source` 'shards' or 'tfds'), this process's share,
+        `batch` rows per process."""
         res = self.model_cfg.image.image_size
         pi, pc = jax.process_index(), jax.process_count()
         source = spec.get("source", "shards")
         if source == "shards":
-            from crate_jax.data import shards
-            return shards.make_eval_iterator(spec.shards, batch_size=batch, image_size=res,
-                                             tokenizer=self.tokenizer if with_text else None, process_index=pi,
-                                             process_count=pc,
-                                             label_key=None if with_text else spec.get("label_key", "label"))
-        if source == "tfds":
-            from crate_jax.data import loader
-            data = ConfigDict(dict(source="tfds", name=spec.name, data_dir=spec.get("data_dir", None),
-                                   eval_split=spec.get("split", "validation"), augment="inception_crop",
-                                   resize_small=res, flip=False, num_threads=int(spec.get("num_threads", 8)),
-                                   tfds_decoder=spec.get("decoder", "pil")))
-            return loader.make_eval_iterator(data, batch_size=batch, image_size=res, process_index=pi, process_count=pc)
-        raise ConfigError(f"eval source {source!r}: expected 'shards' or 'tfds'")
+            from crate_jax.data import shard_eval
+            return shard_eval.make_eval_iterator(spec.shards, batch_size=batch, image_size=res,
+                                                 tokenizer=self.tokenizer if with_text else None, process_index=pi,
+                                                 process_count=pc,
+                                                 label_key=None if with_text else spec.get("label_key", "label"))
+        from crate_jax.data import loader
+        data = ConfigDict(dict(source="tfds", name=spec.name, data_dir=spec.get("data_dir", None),
+                               eval_split=spec.get("split", "validation"), augment="inception_crop",
+                               resize_small=res, flip=False, num_threads=int(spec.get("num_threads", 8)),
+                               tfds_decoder=spec.get("decoder", "pil")))
+        return loader.make_eval_iterator(data, batch_size=batch, image_size=res, process_index=pi, process_count=pc)
 
-    def extra_eval(self, graphdef, params, mesh) -> dict:
-        """Zero-shot top-1/top-5 for every `config.evals.zeroshot` entry and recall@1/5/10 for every
-        `config.evals.retrieval` entry, as `{'eval/<name>/<metric>': value}`."""
-        from crate_jax.clip import zeroshot as Z
-        evals = self.config.get("evals", None)
-        if evals is None:
-            return {}
-        B = int(evals.get("batch_size", self.global_batch_size))
-        local = B // jax.process_count()
-        if self._embedder is None or self._embedder[0] is not graphdef:
-            self._embedder = (graphdef, Z.Embedder(graphdef, mesh, B))
-        embedder = self._embedder[1].bind(params)
-        out = {}
-        for name, spec in (evals.get("zeroshot", None) or {}).items():
-            try:
-                it = self._eval_iter(spec, with_text=False, batch=local)
-            except (ValueError, FileNotFoundError) as e:
-                if not spec.get("skip_if_missing", False):
-                    raise
-                if name not in self._skipped_evals:
-                    M.console(f"zero-shot eval '{name}' skipped: its data is not available ({e})")
-                    self._skipped_evals.add(name)
-                continue
-            classes = Z.class_embeddings(embedder, self.tokenizer, Z.load_classnames(spec.classnames),
-                                         Z.load_templates(spec.templates))
-            for k, v in Z.zero_shot(embedder, it, classes).items():
-                out[f"eval/{name}/{k}"] = v
-        for name, spec in (evals.get("retrieval", None) or {}).items():
-            it = self._eval_iter(spec, with_text=True, batch=local)
-            for k, v in Z.retrieval(embedder, it).items():
-                out[f"eval/{name}/{k}"] = v
-        return out
+    def embedder(self, state, global_batch: int):
+        """The jitted, mesh-sharded encoders (`crate_jax.clip.zeroshot.Embedder`) bound to `state`'s
+        parameters; compiled once per graph and batch size, shared by all evaluators."""
+        from crate_jax.clip.zeroshot import Embedder
+        key = (id(state.graphdef), int(global_batch))
+        if key not in self._embedders:
+            self._embedders[key] = Embedder(state.graphdef, state.mesh, global_batch)
+        return self._embedders[key].bind(state.params, state.buffers)

@@ -1,4 +1,5 @@
-"""Zero-shot classification and image↔text retrieval for a two-tower model (SPEC §7.4 eval).
+"""Zero-shot classification and image↔text retrieval for a two-tower model (SPEC §7.4 eval), and
+the two evaluators built on them (`type='zeroshot'`, `type='retrieval'` in `config.evals`).
 
 * Zero-shot: every class name is put into every prompt template (`"a photo of a {}."`), the
   prompts are embedded by the text tower, averaged per class and re-normalised (the CLIP recipe);
@@ -25,7 +26,11 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from crate_jax.models.config import ConfigError
+from crate_jax.models.preprocess import normalize
 from crate_jax.parallel import sharding as sh
+from crate_jax.train import metrics as M
+from crate_jax.train.evaluation import eval_batch_size, every_of
 
 ASSETS = Path(__file__).resolve().parents[1] / "eval" / "assets"
 RECALL_KS = (1, 5, 10)
@@ -70,11 +75,6 @@ def load_templates(path: str | Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ embedding
-def normalize_images(images) -> jax.Array:
-    from crate_jax.train.classification import normalize
-    return normalize(images)
-
-
 class Embedder:
     """Jitted, mesh-sharded encoders of a two-tower model.
 
@@ -83,22 +83,22 @@ class Embedder:
     parameters (`bind`) does not recompile.
     """
 
-    def __init__(self, graphdef, mesh, global_batch: int, params=None):
-        self.params, self.mesh, self.global_batch = params, mesh, int(global_batch)
+    def __init__(self, graphdef, mesh, global_batch: int, params=None, buffers=None):
+        self.params, self.buffers, self.mesh, self.global_batch = params, buffers or {}, mesh, int(global_batch)
         self.local_batch = self.global_batch // jax.process_count()
 
-        def images(p, im, *extra):
-            return (nnx.merge(graphdef, p).encode_image(normalize_images(im)),) + extra
+        def images(p, b, im, *extra):
+            return (nnx.merge(graphdef, p, b).encode_image(normalize(im)),) + extra
 
-        def texts(p, tok):
-            return nnx.merge(graphdef, p).encode_text(tok)
+        def texts(p, b, tok):
+            return nnx.merge(graphdef, p, b).encode_text(tok)
 
         self._images = jax.jit(images)
         self._texts = jax.jit(texts)
 
-    def bind(self, params) -> "Embedder":
+    def bind(self, params, buffers=None) -> "Embedder":
         """Use `params` (the engine's parameter dict, possibly sharded) from now on."""
-        self.params = params
+        self.params, self.buffers = params, buffers or {}
         return self
 
     def _global(self, local: np.ndarray):
@@ -108,7 +108,7 @@ class Embedder:
         """This process's `[b, S, S, 3]` uint8 images (plus aligned per-row arrays such as labels or
         tokens) -> every process's rows gathered: `(zimg [B, E], *extra)` as numpy."""
         arrays = [self._global(np.asarray(images))] + [self._global(np.asarray(e)) for e in extra]
-        out = self._images(self.params, *arrays)
+        out = self._images(self.params, self.buffers, *arrays)
         return tuple(np.asarray(x) for x in multihost_utils.process_allgather(out, tiled=True))
 
     def texts(self, tokens: np.ndarray) -> np.ndarray:
@@ -120,7 +120,7 @@ class Embedder:
             pad = np.zeros((B - chunk.shape[0],) + chunk.shape[1:], chunk.dtype)
             full = np.concatenate([chunk, pad]) if pad.shape[0] else chunk
             arr = jax.make_array_from_callback(full.shape, sh.batch_sharding(self.mesh, 2), lambda idx: full[idx])
-            z = multihost_utils.process_allgather(self._texts(self.params, arr), tiled=True)
+            z = multihost_utils.process_allgather(self._texts(self.params, self.buffers, arr), tiled=True)
             out.append(np.asarray(z)[:chunk.shape[0]])
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -181,3 +181,66 @@ def retrieval(embedder: Embedder, batches: Iterable[dict]) -> dict[str, float]:
     ztxt = embedder.texts(tokens)
     return dict(recall_at_k(zimg, ztxt), count=float(len(zimg)))
 
+
+# ------------------------------------------------------------------------------------ evaluators
+def _clip_task(task, key: str):
+    """The run's task, if it can serve these evaluators (a `crate_jax.clip.task.ClipTask` or any task with
+    the same `eval_iterator` / `embedder` / `tokenizer`)."""
+    if not all(hasattr(task, a) for a in ("eval_iterator", "embedder", "tokenizer")):
+        raise ConfigError(f"{key}: zero-shot and retrieval evaluate a two-tower model; this run's task is "
+                          f"{type(task).__name__}")
+    return task
+
+
+class ZeroShotEvaluator:
+    """`type='zeroshot'`: top-1 / top-5 (and `count`) of zero-shot classification.
+
+    Spec keys: `source` 'shards' (`shards` pattern, `label_key` in each sample's json, default 'label')
+    or 'tfds' (`name`, `data_dir`, `split`, `decoder` 'pil' | 'tfds'); `classnames` and `templates`
+    files (a bare name is looked up in `crate_jax/eval/assets/`); `skip_if_missing` (a dataset that
+    cannot be opened is reported once and skipped); `every`, `batch_size`."""
+
+    def __init__(self, name: str, spec, task, mesh):
+        key = f"config.evals.{name}"
+        self.name, self.spec, self.task = name, spec, _clip_task(task, key)
+        self.every = every_of(task.config, spec, key)
+        self.batch_size = eval_batch_size(task.config, spec, mesh, key)
+        if spec.get("source", "shards") not in ("shards", "tfds"):
+            raise ConfigError(f"{key}.source: got {spec.get('source')!r}, expected 'shards' or 'tfds'")
+        for field in ("classnames", "templates") + (("shards",) if spec.get("source", "shards") == "shards" else ()):
+            if not spec.get(field):
+                raise ConfigError(f"{key}.{field} is not set")
+        self._classes = None
+        self._skipped = False
+
+    def run(self, state) -> dict[str, float]:
+        if self._skipped:
+            return {}
+        try:
+            it = self.task.eval_iterator(self.spec, with_text=False, batch=self.batch_size // jax.process_count())
+        except (ValueError, FileNotFoundError) as e:
+            if not self.spec.get("skip_if_missing", False):
+                raise
+            M.console(f"zero-shot eval '{self.name}' skipped: its data is not available ({e})")
+            self._skipped = True
+            return {}
+        embedder = self.task.embedder(state, self.batch_size)
+        classes = class_embeddings(embedder, self.task.tokenizer, load_classnames(self.spec.classnames),
+                                   load_templates(self.spec.templates))
+        return zero_shot(embedder, it, classes)
+
+
+class RetrievalEvaluator:
+    """`type='retrieval'`: image↔text recall@1/5/10 (and `count`) on held-out shards (`shards`)."""
+
+    def __init__(self, name: str, spec, task, mesh):
+        key = f"config.evals.{name}"
+        self.name, self.spec, self.task = name, spec, _clip_task(task, key)
+        self.every = every_of(task.config, spec, key)
+        self.batch_size = eval_batch_size(task.config, spec, mesh, key)
+        if spec.get("source", "shards") != "shards" or not spec.get("shards"):
+            raise ConfigError(f"{key}: retrieval reads webdataset shards: set source='shards' and shards=PATTERN")
+
+    def run(self, state) -> dict[str, float]:
+        it = self.task.eval_iterator(self.spec, with_text=True, batch=self.batch_size // jax.process_count())
+        return retrieval(self.task.embedder(state, self.batch_size), it)

@@ -1,12 +1,22 @@
-"""Input pipelines.
+"""Input pipelines. Submodules are imported explicitly (``from crate_jax.data import loader``) so that
+importing the package stays cheap.
 
-* ``crate_jax.data.loader``: per-process classification iterators (train / eval), plus the
-  generic decode -> augment -> skip-bad -> batch machinery other pipelines reuse.
-* ``crate_jax.data.classification``: classification sources (digits, TFDS, image folders)
-  and ``default_data_config()``.
-* ``crate_jax.data.augment``: host-side image ops (decode, Inception crop, flip, RandAugment,
-  eval resize + centre crop).
+Classification:
 
-Submodules are imported explicitly (``from crate_jax.data import loader``) so that importing
-the package stays cheap.
+* ``loader``: per-process classification iterators (train / eval), plus the generic decode ->
+  augment -> skip-bad -> batch machinery other pipelines reuse.
+* ``classification``: classification sources (digits, TFDS, image folders), ``default_data_config()``.
+* ``augment``: the train recipe (Inception crop, flip, RandAugment) and the eval recipe.
+
+Image-text (CLIPA, SPEC.md §7.4):
+
+* ``shard_patterns`` (brace / glob patterns, fsspec), ``tar_reader``, ``tar_writer``: webdataset shards.
+* ``shard_stream``: one process's deterministic sample stream; ``shard_train`` / ``shard_eval``: the
+  webdataset iterators; ``tfds_captions``: the same iterators over a TFDS / ArrayRecord directory,
+  which ``arrayrecord_convert`` writes from shards.
+* ``image_text_rows``: what one sample becomes (train / eval row, padded eval batch); ``captions``.
+* ``synth_scenes``: synthetic captioned scenes with a held-out zero-shot task.
+
+Shared: ``decode`` (bytes -> RGB image, draft decoding), ``crops`` (the one Inception crop and the
+resize-small + centre crop), ``batching`` (skip counting and logging, padded batches), ``seeding``.
 """

@@ -26,11 +26,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from PIL import Image
-
-from crate_jax.data import shards
-
-log = logging.getLogger(__name__)
+from crate_jax.data.batching import SkipCounter
+from crate_jax.data.captions import parse_captions
+from crate_jax.data.decode import DecodeError, decode_image
+from crate_jax.data.image_text_rows import missing, skip
+from crate_jax.data.shard_patterns import check_filesystems, expand_pattern
+from crate_jax.data.tar_reader import ShardError, iter_shard
 
 BUILDER_NAME = "caption_shards"
 
@@ -55,7 +56,7 @@ def _builder_class():
 
         def __init__(self, *, paths: Sequence[str], split: str, verify_images: bool, **kwargs):
             self._paths, self._split, self._verify = list(paths), split, verify_images
-            self.conversion_stats = {k: 0 for k in shards.STAT_KEYS}
+            self.conversion_stats = SkipCounter()
             super().__init__(**kwargs)
 
         def _info(self):
@@ -75,43 +76,36 @@ def _builder_class():
         def _split_generators(self, dl_manager):
             return {self._split: self._generate_examples()}
 
-        def _skip(self, kind: str, message: str) -> None:
-            self.conversion_stats[kind] += 1
-            log.warning("skipped (%s): %s", kind, message)
-
         def _generate_examples(self):
             for i, path in enumerate(self._paths):
                 try:
-                    for s in shards.iter_shard(path, i):
+                    for s in iter_shard(path, i):
                         where = f"{path}: sample {s.key!r}"
-                        if s.image is None:
-                            self._skip("missing_images", f"{where} has no image member")
-                            continue
-                        if not shards.parse_captions(s.text, s.json):
-                            self._skip("missing_captions", f"{where} has no caption")
-                            continue
-                        if self._verify and not _decodes(s.image):
-                            self._skip("bad_images", f"{where}: undecodable image")
+                        bad = missing(where, s.image, parse_captions(s.text, s.json))
+                        if bad is None and self._verify:
+                            bad = _undecodable(where, s.image)
+                        if bad is not None:
+                            self.conversion_stats.skip(bad["kind"], bad["error"])
                             continue
                         caption = s.text.decode("utf-8", "replace") if s.text is not None else "\n".join(
-                            shards.parse_captions(None, s.json))
-                        self.conversion_stats["samples"] += 1
+                            parse_captions(None, s.json))
+                        self.conversion_stats.used("samples")
                         key = f"{i:06d}/{s.key}"
                         yield key, {"jpg": io.BytesIO(s.image), "txt": caption, "key": key,
                                     "json": (s.json or b"").decode("utf-8", "replace")}
-                except shards.ShardError as e:
-                    self._skip("bad_shards" if e.kind == "bad" else "truncated_shards", str(e))
+                except ShardError as e:
+                    self.conversion_stats.skip("bad_shards" if e.kind == "bad" else "truncated_shards", str(e))
 
     return CaptionShards
 
 
-def _decodes(data: bytes) -> bool:
+def _undecodable(where: str, data: bytes) -> dict[str, str] | None:
+    """The skip marker of an image the train pipeline could not decode, else None."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-        return True
-    except Exception:
-        return False
+        decode_image(data)
+    except DecodeError as e:
+        return skip("bad_images", f"{where}: undecodable image ({e})")
+    return None
 
 
 def convert(pattern: str | Sequence[str], out_dir: str | os.PathLike, *, split: str = "train",
@@ -122,8 +116,8 @@ def convert(pattern: str | Sequence[str], out_dir: str | os.PathLike, *, split: 
     """
     import tensorflow_datasets as tfds
 
-    paths = shards.expand_pattern(pattern)
-    shards.check_filesystems(paths)
+    paths = expand_pattern(pattern)
+    check_filesystems(paths)
     out_dir = os.fspath(out_dir)
     if os.path.exists(os.path.join(out_dir, "dataset_info.json")):
         if not overwrite:
@@ -145,7 +139,7 @@ def convert(pattern: str | Sequence[str], out_dir: str | os.PathLike, *, split: 
         shutil.move(os.path.join(builder.data_dir, name), os.path.join(out_dir, name))
     shutil.rmtree(staging)
     num = builder.info.splits[split].num_examples
-    return {"out_dir": out_dir, "num_examples": num, "stats": dict(builder.conversion_stats),
+    return {"out_dir": out_dir, "num_examples": num, "stats": builder.conversion_stats.snapshot(),
             "seconds": time.perf_counter() - t0}
 
 

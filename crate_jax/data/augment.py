@@ -1,9 +1,11 @@
-"""Host-side image ops: decode, Inception crop, flip, RandAugment, eval resize + centre crop.
+"""Classification augmentation: the train recipe (Inception crop, flip, RandAugment) and the eval recipe.
 
-Everything here works on PIL images (mode 'RGB') and numpy ``np.random.Generator``s and
-returns ``uint8 [H, W, 3]`` arrays at the end; normalisation happens on device. The
-functions are pure given the generator, so a pipeline that derives one generator per
-example index (grain's ``random_map`` does) is deterministic and exactly resumable.
+Everything here works on decoded PIL images (mode 'RGB', from ``decode.decode_image``) and numpy
+``np.random.Generator``s and returns ``uint8 [H, W, 3]`` arrays at the end; normalisation happens on
+device. The crops themselves are ``crops.inception_crop`` (TF's ``sample_distorted_bounding_box``,
+as big_vision draws it) and ``crops.resize_small_centre_crop``. The functions are pure given the
+generator, so a pipeline that derives one generator per example index (grain's ``random_map``
+does) is deterministic and exactly resumable.
 
 RandAugment follows the timm "increasing magnitude" variant: a magnitude ``m`` in
 [0, 10] is scaled to ``level = m / 10`` and every op gets *stronger* as ``m`` grows.
@@ -33,130 +35,22 @@ TranslateYRel (±)         shift by 0.45·L of the height, grey fill
 from __future__ import annotations
 
 import dataclasses
-import io
-import math
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from crate_jax.data.crops import inception_crop, resize_small_centre_crop
+from crate_jax.data.decode import to_array
+
 # Grey fill for pixels that geometric ops move in from outside the image (timm uses the
 # same constant).
 _FILL = (128, 128, 128)
-_AREA_ATTEMPTS = 10
-_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
-
-
-class DecodeError(ValueError):
-    """An image could not be decoded (corrupt, truncated, unknown format, bad array)."""
-
-
-def decode_image(data: bytes | np.ndarray) -> Image.Image:
-    """Decodes encoded bytes (JPEG/PNG/...) or a uint8 array to an RGB PIL image.
-
-    Args:
-      data: encoded image bytes, or a uint8 array ``[H, W]``, ``[H, W, 1]``, ``[H, W, 3]`` or
-        ``[H, W, 4]`` (alpha dropped).
-
-    Returns:
-      A fully loaded PIL image in mode 'RGB'.
-
-    Raises:
-      DecodeError: for anything PIL cannot decode completely, including truncated files
-        (as long as ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is left at its default False).
-    """
-    if isinstance(data, np.ndarray):
-        return _array_to_pil(data)
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise DecodeError(f"expected encoded image bytes or a uint8 array, got {type(data).__name__}")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.width == 0 or img.height == 0:
-                raise DecodeError(f"image has an empty size {img.size}")
-            return img.convert("RGB")
-    except DecodeError:
-        raise
-    except Image.UnidentifiedImageError as e:
-        raise DecodeError("UnidentifiedImageError: not a recognised image format") from e
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data.
-        raise DecodeError(f"{type(e).__name__}: {e}") from e
-
-
-def _array_to_pil(arr: np.ndarray) -> Image.Image:
-    if arr.dtype != np.uint8:
-        raise DecodeError(f"image array must be uint8, got {arr.dtype}")
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim == 3 and arr.shape[-1] == 4:
-        arr = arr[..., :3]
-    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3)) or 0 in arr.shape:
-        raise DecodeError(f"image array must be [H, W] or [H, W, 1|3|4], got shape {arr.shape}")
-    return Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
-
-
-def to_array(img: Image.Image) -> np.ndarray:
-    """PIL RGB image -> uint8 array ``[H, W, 3]``."""
-    return np.asarray(img, dtype=np.uint8)
-
-
-# ----------------------------------------------------------------------------- geometry
-
-
-def sample_inception_box(
-    width: int, height: int, rng: np.random.Generator, area_min: float = 0.08
-) -> tuple[int, int, int, int]:
-    """Samples an Inception-style crop box ``(left, top, right, bottom)``.
-
-    The crop covers a random fraction in [area_min, 1] of the image area, with aspect ratio
-    (w / h) log-uniform in [3/4, 4/3]. After 10 failed attempts to fit such a box it falls
-    back to the largest centred box whose aspect is clamped to that range.
-    """
-    area = width * height
-    log_lo, log_hi = math.log(_ASPECT_RANGE[0]), math.log(_ASPECT_RANGE[1])
-    for _ in range(_AREA_ATTEMPTS):
-        target_area = area * rng.uniform(area_min, 1.0)
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = round(math.sqrt(target_area * aspect))
-        h = round(math.sqrt(target_area / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            left = int(rng.integers(0, width - w + 1))
-            top = int(rng.integers(0, height - h + 1))
-            return left, top, left + w, top + h
-    aspect = width / height
-    if aspect < _ASPECT_RANGE[0]:
-        w, h = width, round(width / _ASPECT_RANGE[0])
-    elif aspect > _ASPECT_RANGE[1]:
-        w, h = round(height * _ASPECT_RANGE[1]), height
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
-
-
-def inception_crop(
-    img: Image.Image, rng: np.random.Generator, size: int, area_min: float = 0.08
-) -> Image.Image:
-    """Random-area, random-aspect crop resized (bilinear) to ``[size, size]``."""
-    box = sample_inception_box(img.width, img.height, rng, area_min)
-    return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
 
 
 def resize(img: Image.Image, size: int) -> Image.Image:
     """Plain bilinear resize to ``[size, size]`` (aspect not kept); for tiny images like 8x8 digits."""
     return img.resize((size, size), Image.Resampling.BILINEAR)
-
-
-def resize_small_centre_crop(img: Image.Image, resize_small: int, size: int) -> Image.Image:
-    """Resizes the short side to ``resize_small`` (bilinear), then takes the centre ``[size, size]``."""
-    if resize_small < size:
-        raise ValueError(f"resize_small={resize_small} must be >= the crop size {size}")
-    scale = resize_small / min(img.width, img.height)
-    new_w = max(resize_small, round(img.width * scale))
-    new_h = max(resize_small, round(img.height * scale))
-    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return img.crop((left, top, left + size, top + size))
 
 
 def random_flip(img: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -243,7 +137,8 @@ class TrainAugment:
 
     Attributes:
       image_size: output side S; the result is uint8 ``[S, S, 3]``.
-      crop: 'inception_crop' or 'none' (plain resize to S x S, for tiny images).
+      crop: 'inception_crop' (``crops.inception_crop``: area ``area_min..1`` of the image, aspect
+        3/4..4/3, the whole image if 100 draws fail) or 'none' (plain resize to S x S, for tiny images).
       area_min: smallest crop area as a fraction of the image (0.08 for 8 %).
       flip: random horizontal flip.
       randaug: ``(num_layers, magnitude)`` or None.

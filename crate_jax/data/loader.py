@@ -27,7 +27,6 @@ for other record kinds too (e.g. image-text): any source whose records are
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -38,7 +37,9 @@ import numpy as np
 from PIL import Image
 
 from crate_jax.data import augment, classification
+from crate_jax.data.batching import SkipCounter, pad_rows, stack_rows
 from crate_jax.data.classification import default_data_config, resolve_config
+from crate_jax.data.decode import DecodeError, decode_image
 
 __all__ = [
     "default_data_config",
@@ -54,8 +55,6 @@ __all__ = [
     "TrainIterator",
     "EvalIterable",
 ]
-
-logger = logging.getLogger(__name__)
 
 _EVAL_CROP_FRACTION = 0.875  # resize_small default: image_size / 0.875 (256 for 224)
 
@@ -81,8 +80,8 @@ class ImageRecordTransform:
         if "error" in record:
             return {"error": str(record["error"]), "id": ident}
         try:
-            img = augment.decode_image(record["image"])
-        except augment.DecodeError as e:
+            img = decode_image(record["image"])
+        except DecodeError as e:
             return {"error": str(e), "id": ident}
         out = {"image": self.image_fn(img, rng)}
         for key in self.keep:
@@ -162,32 +161,15 @@ def _check_process(process_index: int, process_count: int) -> None:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index} of {process_count}")
 
 
-def _stack(examples: list[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in examples[0]}
+def _bad_images(limit: int) -> SkipCounter:
+    """Counts, logs and limits the bad elements ``{'error', 'id'}`` of a stream (see ``_skip``)."""
+    return SkipCounter(("bad_images",), max_in_a_row=limit, advice=(
+        "This is a broken data set or the wrong decoder (cfg.data.tfds_decoder), not a few bad files; "
+        "raise cfg.data.max_consecutive_bad if it really is expected."))
 
 
-class _BadImageGuard:
-    """Counts and logs bad elements; stops the run after ``limit`` in a row."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.total = 0
-        self._in_a_row = 0
-
-    def good(self) -> None:
-        self._in_a_row = 0
-
-    def bad(self, element: Mapping[str, Any]) -> None:
-        self.total += 1
-        self._in_a_row += 1
-        logger.warning("skipping bad image %s: %s", element.get("id", "?"), element["error"])
-        if self._in_a_row >= self.limit:
-            raise RuntimeError(
-                f"{self._in_a_row} images in a row failed to decode (last: {element.get('id', '?')}: "
-                f"{element['error']}). This is a broken data set or the wrong decoder "
-                f"(cfg.data.tfds_decoder), not a few bad files; raise cfg.data.max_consecutive_bad "
-                f"if it really is expected."
-            )
+def _skip(skips: SkipCounter, element: Mapping[str, Any]) -> None:
+    skips.skip("bad_images", f"{element.get('id', '?')}: {element['error']}")
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
@@ -222,7 +204,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self.batch_size = batch_size
         self._fingerprint = dict(fingerprint or {})
         self._epoch_size = epoch_size
-        self._guard = _BadImageGuard(max_consecutive_bad)
+        self._bad = _bad_images(max_consecutive_bad)
         self._it = iter(dataset)
         self._elements = 0
         self._batches = 0
@@ -236,19 +218,19 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
             element = next(self._it)
             self._elements += 1
             if "error" in element:
-                self._guard.bad(element)
+                _skip(self._bad, element)
                 continue
-            self._guard.good()
+            self._bad.used()
             examples.append(element)
         self._batches += 1
-        return _stack(examples)
+        return stack_rows(examples)
 
     def get_state(self) -> dict[str, Any]:
         return {
             "reader": self._it.get_state(),
             "elements": self._elements,
             "batches": self._batches,
-            "bad_images": self._guard.total,
+            "bad_images": self._bad["bad_images"],
             "fingerprint": dict(self._fingerprint),
         }
 
@@ -267,13 +249,12 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self._it.set_state(state["reader"])
         self._elements = int(state["elements"])
         self._batches = int(state["batches"])
-        self._guard.total = int(state["bad_images"])
-        self._guard.good()
+        self._bad.restore({"bad_images": int(state["bad_images"])})
 
     def stats(self) -> dict[str, float]:
         """Cumulative counters (restored by ``set_state``): bad_images, examples, batches, epoch."""
         out = {
-            "bad_images": self._guard.total,
+            "bad_images": self._bad["bad_images"],
             "examples": self._batches * self.batch_size,
             "batches": self._batches,
         }
@@ -311,7 +292,7 @@ class EvalIterable:
         self.num_batches = num_batches
         self._dataset = dataset
         self._pad = {k: np.asarray(v) for k, v in pad_element.items()}
-        self._guard = _BadImageGuard(max_consecutive_bad)
+        self._bad = _bad_images(max_consecutive_bad)
         self._examples = 0
 
     def __len__(self) -> int:
@@ -330,15 +311,13 @@ class EvalIterable:
                         exhausted = True
                         break
                     if "error" in element:
-                        self._guard.bad(element)
+                        _skip(self._bad, element)
                         continue
-                    self._guard.good()
+                    self._bad.used()
                     examples.append(element)
                 self._examples += len(examples)
-                mask = np.zeros(self.batch_size, bool)
-                mask[: len(examples)] = True
-                examples += [self._pad] * (self.batch_size - len(examples))
-                yield {**_stack(examples), "mask": mask}
+                rows, mask = pad_rows(examples, self.batch_size, self._pad)
+                yield {**stack_rows(rows), "mask": mask}
             if not exhausted and next(it, None) is not None:
                 raise RuntimeError("eval shard holds more examples than num_batches * batch_size")
         finally:
@@ -348,7 +327,7 @@ class EvalIterable:
 
     def stats(self) -> dict[str, int]:
         """Cumulative over passes: bad_images, examples (real, unmasked)."""
-        return {"bad_images": self._guard.total, "examples": self._examples}
+        return {"bad_images": self._bad["bad_images"], "examples": self._examples}
 
 
 # ----------------------------------------------------------------------------- classification API

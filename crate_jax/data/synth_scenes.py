@@ -25,7 +25,12 @@ Output (``generate`` / ``python -m crate_jax.data.synth_scenes --out DIR``)::
   DIR/eval/00000.tar ...    held-out compositions only
   DIR/classes.json          classes, templates, attributes, held-out list, shard patterns
   DIR/templates.txt         zero-shot prompt templates, one per line with {}
-  DIR/vocab.txt             BERT-layout WordPiece vocab trained on the captions and prompts
+  DIR/captions.txt          the train captions and the zero-shot prompts, one per line
+
+The text side is not built here (the data layer does not tokenise): train the WordPiece vocab the
+configs expect at ``DIR/vocab.txt`` (``classes.json`` names it) from ``captions.txt`` with
+``python -m crate_jax.text.tokenizer --corpus DIR/captions.txt --out DIR/vocab.txt --size 500``
+(``VOCAB_SIZE``), as ``main`` prints and ``crate_jax.clip.demo`` does.
 
 Everything is a pure function of the seed: shard ``i`` of a split depends only on
 (seed, split, i), so the same command writes byte-identical shards.
@@ -46,8 +51,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from crate_jax.data.shards import sample_rng, write_shard
-from crate_jax.text.tokenizer import build_vocab
+from crate_jax.data.seeding import sample_rng
+from crate_jax.data.tar_writer import write_shard
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 80, 230), "yellow": (245, 215, 25),
@@ -56,6 +61,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 SIZES = {"small": 0.26, "large": 0.42}  # object diameter as a fraction of the image side
 SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
+VOCAB_SIZE = 500  # the suggested WordPiece vocab size: the captions use a few dozen words
 POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom",
              "bottom right")
 WHERE = {  # ways of saying each position in a caption
@@ -239,9 +245,10 @@ def generate(out_dir: str | os.PathLike, *, train_samples: int = 20_000, eval_sa
              samples_per_shard: int = 1_000, image_size: int = 64, seed: int = 0,
              colours: Sequence[str] = ("red", "green", "blue", "yellow"),
              shapes: Sequence[str] = ("circle", "square", "triangle"), holdout: int = 3,
-             max_clutter: int = 2, jpeg_quality: int = 92, vocab_size: int = 500, short_captions: float = 0.2,
+             max_clutter: int = 2, jpeg_quality: int = 92, short_captions: float = 0.2,
              workers: int = 1) -> dict[str, Any]:
-    """Writes train / eval shards, ``classes.json``, ``templates.txt`` and ``vocab.txt``.
+    """Writes train / eval shards, ``classes.json``, ``templates.txt`` and ``captions.txt`` (the corpus
+    for the vocab, which the caller trains: see the module docstring).
 
     ``short_captions`` is the fraction of captions that are just a prompt ("a photo of a red
     circle."): raising it makes zero-shot easier, lowering it makes the text tower rely more on the
@@ -285,7 +292,8 @@ def generate(out_dir: str | os.PathLike, *, train_samples: int = 20_000, eval_sa
         caption_lists = [_write_one(job) for job in jobs]
     train_captions = [c for job, caps in zip(jobs, caption_lists) if job[1] == "train" for c in caps]
     prompts = [t.format(name) for name in classes for t in TEMPLATES]
-    build_vocab(train_captions + prompts, os.path.join(out_dir, "vocab.txt"), vocab_size)
+    with open(os.path.join(out_dir, "captions.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(train_captions + prompts) + "\n")
     with open(os.path.join(out_dir, "templates.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(TEMPLATES) + "\n")
     info = {
@@ -294,7 +302,8 @@ def generate(out_dir: str | os.PathLike, *, train_samples: int = 20_000, eval_sa
         "held_out": {classes[i]: [list(c) for c in combos] for i, combos in enumerate(held)},
         "train_pattern": patterns["train"], "eval_pattern": patterns["eval"],
         "num_train": counts["train"], "num_eval": counts["eval"], "image_size": image_size, "seed": seed,
-        "label_key": "label", "vocab": "vocab.txt", "max_clutter": max_clutter, "short_captions": short_captions,
+        "label_key": "label", "captions": "captions.txt", "vocab": "vocab.txt", "max_clutter": max_clutter,
+        "short_captions": short_captions,
     }
     with open(os.path.join(out_dir, "classes.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)
@@ -302,7 +311,7 @@ def generate(out_dir: str | os.PathLike, *, train_samples: int = 20_000, eval_sa
 
 
 def load_task(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """``classes.json`` of a generated directory, with shard patterns and vocab made absolute."""
+    """``classes.json`` of a generated directory, with shard patterns, captions and vocab made absolute."""
     out_dir = os.fspath(out_dir)
     path = os.path.join(out_dir, "classes.json")
     if not os.path.exists(path):
@@ -310,9 +319,17 @@ def load_task(out_dir: str | os.PathLike) -> dict[str, Any]:
                                 f"python -m crate_jax.data.synth_scenes --out {out_dir}")
     with open(path, encoding="utf-8") as f:
         info = json.load(f)
-    for key in ("train_pattern", "eval_pattern", "vocab"):
-        info[key] = os.path.join(out_dir, info[key])
+    for key in ("train_pattern", "eval_pattern", "captions", "vocab"):
+        if key in info:  # directories written before captions.txt existed have no 'captions'
+            info[key] = os.path.join(out_dir, info[key])
     return info
+
+
+def vocab_command(out_dir: str | os.PathLike) -> str:
+    """The shell command that trains ``out_dir``'s vocab.txt from its captions.txt."""
+    out_dir = os.fspath(out_dir)
+    return (f"python -m crate_jax.text.tokenizer --corpus {os.path.join(out_dir, 'captions.txt')} "
+            f"--out {os.path.join(out_dir, 'vocab.txt')} --size {VOCAB_SIZE}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -329,7 +346,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--holdout", type=int, default=3, help="held-out (size, position) pairs per class")
     p.add_argument("--max-clutter", type=int, default=2)
     p.add_argument("--jpeg-quality", type=int, default=92)
-    p.add_argument("--vocab-size", type=int, default=500)
     p.add_argument("--short-captions", type=float, default=0.2, help="fraction of prompt-style captions")
     p.add_argument("--workers", type=int, default=1)
     a = p.parse_args(argv)
@@ -337,12 +353,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     info = generate(a.out, train_samples=a.train_samples, eval_samples=a.eval_samples,
                     samples_per_shard=a.samples_per_shard, image_size=a.image_size, seed=a.seed,
                     colours=a.colours.split(","), shapes=a.shapes.split(","), holdout=a.holdout,
-                    max_clutter=a.max_clutter, jpeg_quality=a.jpeg_quality, vocab_size=a.vocab_size,
-                    short_captions=a.short_captions, workers=a.workers)
+                    max_clutter=a.max_clutter, jpeg_quality=a.jpeg_quality, short_captions=a.short_captions,
+                    workers=a.workers)
     dt = time.perf_counter() - t0
     n = info["num_train"] + info["num_eval"]
     print(f"wrote {n} scenes ({len(info['classes'])} classes) to {a.out} in {dt:.1f}s "
           f"({n / dt:.0f} images/s); train {info['train_pattern']}, eval {info['eval_pattern']}")
+    print("next, train the vocab on its captions:\n"
+          f"  {vocab_command(a.out)}")
 
 
 if __name__ == "__main__":

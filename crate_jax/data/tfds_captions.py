@@ -13,15 +13,15 @@ Every process walks the same global order and takes every ``process_count``-th e
 epoch is covered once across processes. The iterator's state is grain's position plus the skip
 counts: ``set_state`` gives exactly the batches of the uninterrupted run.
 
-The train and eval iterators have the API of ``crate_jax.data.shards`` (same batch layout, same
-``get_state`` / ``set_state`` / ``stats``), with a dataset directory and split in place of a shard
-pattern. ``crate_jax.data.arrayrecord_convert`` writes such directories from webdataset shards.
+The train and eval iterators have the API of ``crate_jax.data.shard_train`` / ``shard_eval`` (same
+batch layout, same ``get_state`` / ``set_state`` / ``stats``, the same per-sample ops from
+``image_text_rows``), with a dataset directory and split in place of a shard pattern.
+``crate_jax.data.arrayrecord_convert`` writes such directories from webdataset shards.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -30,9 +30,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from crate_jax.data import shards
-
-log = logging.getLogger(__name__)
+from crate_jax.data.batching import SkipCounter
+from crate_jax.data.captions import parse_captions
+from crate_jax.data.image_text_rows import eval_batch, eval_row, train_batch, train_row
+from crate_jax.data.seeding import sample_rng
 
 STATE_VERSION = 1
 IMAGE_FEATURE, TEXT_FEATURE = "jpg", "txt"
@@ -68,7 +69,7 @@ def _captions(example: Mapping[str, Any]) -> list[str]:
     out: list[str] = []
     for v in value:  # a list / array of captions (a Sequence(Text) feature) or one caption
         text = v.encode("utf-8") if isinstance(v, str) else bytes(v)
-        out.extend(shards.parse_captions(text, None))
+        out.extend(parse_captions(text, None))
     return out
 
 
@@ -78,7 +79,7 @@ def _image_bytes(example: Mapping[str, Any]) -> bytes | None:
 
 
 class _TrainTransform:
-    """Example + rng -> ``{'image' [S, S, 3], 'caption'}`` or ``{'error': str}`` (skipped later)."""
+    """Example + rng -> ``{'image' [S, S, 3], 'caption', 'key'}`` or a skip marker (``image_text_rows``)."""
 
     def __init__(self, image_size: int, area_min: float, area_max: float, fast_decode: bool, name: str):
         self.image_size, self.area_min, self.area_max = image_size, area_min, area_max
@@ -86,20 +87,10 @@ class _TrainTransform:
 
     def __call__(self, indexed: tuple[int, Mapping[str, Any]], rng: np.random.Generator) -> dict[str, Any]:
         index, example = indexed
-        where = f"{self.name}[{index}]"
-        data = _image_bytes(example)
-        if data is None:
-            return {"error": f"{where} has no encoded image in feature {IMAGE_FEATURE!r}", "kind": "missing_images"}
-        captions = _captions(example)
-        if not captions:
-            return {"error": f"{where} has an empty caption", "kind": "missing_captions"}
-        caption = shards.pick_caption(captions, rng)
-        try:
-            image = shards.decode_inception_crop(data, self.image_size, rng, self.area_min, self.area_max,
-                                                 self.fast_decode)
-        except shards.BadImage as e:
-            return {"error": f"{where}: undecodable image ({e})", "kind": "bad_images"}
-        return {"image": image, "caption": caption, "key": _key(example, index)}
+        row = train_row(f"{self.name}[{index}]", _image_bytes(example), _captions(example), rng,
+                        image_size=self.image_size, area_min=self.area_min, area_max=self.area_max,
+                        fast_decode=self.fast_decode)
+        return row if "error" in row else {**row, "key": _key(example, index)}
 
 
 def _key(example: Mapping[str, Any], index: int) -> str:
@@ -139,40 +130,32 @@ class TfdsTrainIterator(Iterator[dict[str, np.ndarray]]):
                         "process_index": process_index, "process_count": process_count}
         name = f"{os.path.basename(os.path.normpath(os.fspath(data_dir)))}/{split}"
         transform = _TrainTransform(image_size, area_min, area_max, fast_decode, name)
-        shuffle_seed, aug_seed = (int(x) for x in shards.sample_rng(seed, 0x7FD5).integers(0, 2**31, size=2))
+        shuffle_seed, aug_seed = (int(x) for x in sample_rng(seed, 0x7FD5).integers(0, 2**31, size=2))
         ds = grain.MapDataset.source(_Indexed(source)).shuffle(seed=shuffle_seed).repeat(None)
         ds = ds.random_map(transform, seed=aug_seed)[process_index::process_count]
         options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(1, prefetch * batch_size))
         self._ds = ds.to_iter_dataset(options)
         self._it = iter(self._ds)
-        self._stats = {k: 0 for k in shards.STAT_KEYS}
+        self._stats = SkipCounter()
 
     def __iter__(self) -> TfdsTrainIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        images, captions, keys = [], [], []
-        while len(images) < self.batch_size:
+        rows = []
+        while len(rows) < self.batch_size:
             element = next(self._it)
             if "error" in element:
-                self._stats[element["kind"]] += 1
-                n = self._stats[element["kind"]]
-                if n <= 20 or n % 1000 == 0:
-                    log.warning("skipped (%s #%d): %s", element["kind"], n, element["error"])
+                self._stats.skip(element["kind"], element["error"])
                 continue
-            images.append(element["image"])
-            captions.append(element["caption"])
-            keys.append(element["key"])
-            self._stats["samples"] += 1
-        batch = {"image": np.stack(images), "text": self.tokenizer(captions)}
-        if self.with_keys:
-            batch["key"] = np.array(keys, dtype=object)
-        return batch
+            rows.append(element)
+            self._stats.used("samples")
+        return train_batch(rows, self.tokenizer, self.with_keys)
 
     def get_state(self) -> dict[str, Any]:
         """JSON-serialisable position after the last batch returned."""
         return {"version": STATE_VERSION, "config": dict(self._config), "grain": self._it.get_state(),
-                "stats": dict(self._stats)}
+                "stats": self._stats.snapshot()}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -183,10 +166,10 @@ class TfdsTrainIterator(Iterator[dict[str, np.ndarray]]):
             raise ValueError("cannot resume tfds iterator with different settings: " + "; ".join(diff))
         self._it = iter(self._ds)
         self._it.set_state(state["grain"])
-        self._stats = {k: int(state["stats"].get(k, 0)) for k in shards.STAT_KEYS}
+        self._stats.restore(state["stats"])
 
     def stats(self) -> dict[str, int]:
-        return dict(self._stats)
+        return self._stats.snapshot()
 
     def close(self) -> None:
         self._it = None
@@ -199,7 +182,7 @@ def make_train_iterator(
 ) -> TfdsTrainIterator:
     """This process's endless train iterator over a TFDS directory (see the module docstring).
 
-    Args as ``crate_jax.data.shards.make_train_iterator``; ``data_dir`` is the builder directory
+    Args as ``crate_jax.data.shard_train.make_train_iterator``; ``data_dir`` is the builder directory
     (with ``dataset_info.json``), ``split`` e.g. ``'train'`` or ``'full'``. The shuffle is a full
     global permutation per epoch, so there is no shuffle buffer. ``prefetch`` is in batches.
     ``with_keys`` adds ``'key'``: the ``key`` feature if the dataset has one, else the index.
@@ -214,38 +197,29 @@ def make_train_iterator(
 
 
 class _EvalTransform:
-    def __init__(self, image_size: int, label_key: str | None, fast_decode: bool, name: str):
-        self.image_size, self.label_key, self.fast_decode, self.name = image_size, label_key, fast_decode, name
+    """Example -> eval row or skip marker (``image_text_rows.eval_row``)."""
+
+    def __init__(self, image_size: int, label_key: str | None, need_caption: bool, fast_decode: bool, name: str):
+        self.image_size, self.label_key, self.need_caption = image_size, label_key, need_caption
+        self.fast_decode, self.name = fast_decode, name
 
     def __call__(self, indexed: tuple[int, Mapping[str, Any]]) -> dict[str, Any]:
         index, example = indexed
-        where = f"{self.name}[{index}]"
-        data = _image_bytes(example)
-        if data is None:
-            return {"error": f"{where} has no encoded image", "kind": "missing_images"}
-        captions = _captions(example)
-        label = -1
-        if self.label_key is not None:
-            try:
-                if self.label_key in example:
-                    label = int(example[self.label_key])
-                else:
-                    label = int(json.loads(example["json"])[self.label_key])
-            except Exception:
-                return {"error": f"{where} has no integer label {self.label_key!r}", "kind": "missing_labels"}
-        try:
-            image = shards.decode_resize_small_crop(data, self.image_size, self.fast_decode)
-        except shards.BadImage as e:
-            return {"error": f"{where}: undecodable image ({e})", "kind": "bad_images"}
-        return {"image": image, "caption": captions[0] if captions else "", "label": label,
-                "key": _key(example, index)}
+        key = self.label_key
+
+        def label() -> int:  # an integer feature, else a field of the json feature
+            return example[key] if key in example else json.loads(example["json"])[key]
+
+        return eval_row(f"{self.name}[{index}]", _key(example, index), _image_bytes(example), _captions(example),
+                        need_caption=self.need_caption, label=None if key is None else label,
+                        label_name=f"label {key!r}", image_size=self.image_size, fast_decode=self.fast_decode)
 
 
 class TfdsEvalIterator(Iterator[dict[str, Any]]):
     """One ordered pass over this process's contiguous block ``[N p / P, N (p+1) / P)``.
 
     Every process yields ``ceil(ceil(N / P) / B)`` batches; batch layout as
-    ``crate_jax.data.shards.EvalIterator`` (``image``, ``mask``, optional ``text``, ``label``,
+    ``crate_jax.data.shard_eval.EvalIterator`` (``image``, ``mask``, optional ``text``, ``label``,
     ``caption``, ``key``).
     """
 
@@ -259,16 +233,16 @@ class TfdsEvalIterator(Iterator[dict[str, Any]]):
         self.num_batches = math.ceil(math.ceil(n / process_count) / batch_size)
         name = f"{os.path.basename(os.path.normpath(os.fspath(data_dir)))}/{split}"
         ds = grain.MapDataset.source(_Indexed(source))[lo:hi].map(
-            _EvalTransform(image_size, label_key, fast_decode, name))
+            _EvalTransform(image_size, label_key, tokenizer is not None or with_captions, fast_decode, name))
         self._it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                              prefetch_buffer_size=2 * batch_size)))
         self.batch_size, self.image_size, self.tokenizer = batch_size, image_size, tokenizer
         self.label_key, self.with_captions, self.with_keys = label_key, with_captions, with_keys
-        self._stats = {k: 0 for k in shards.STAT_KEYS}
+        self._stats = SkipCounter()
         self._emitted = 0
 
     def stats(self) -> dict[str, int]:
-        return dict(self._stats)
+        return self._stats.snapshot()
 
     def __iter__(self) -> TfdsEvalIterator:
         return self
@@ -279,15 +253,15 @@ class TfdsEvalIterator(Iterator[dict[str, Any]]):
         rows: list[dict[str, Any]] = []
         for element in self._it:
             if "error" in element:
-                self._stats[element["kind"]] += 1
-                log.warning("skipped (%s): %s", element["kind"], element["error"])
+                self._stats.skip(element["kind"], element["error"])
                 continue
-            self._stats["samples"] += 1
+            self._stats.used("samples")
             rows.append(element)
             if len(rows) == self.batch_size:
                 break
         self._emitted += 1
-        return shards.padded_eval_batch(rows, self)
+        return eval_batch(rows, batch_size=self.batch_size, image_size=self.image_size, tokenizer=self.tokenizer,
+                          labels=self.label_key is not None, captions=self.with_captions, keys=self.with_keys)
 
 
 def make_eval_iterator(

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from crate_jax.models import layers as L
-from crate_jax.models.config import ModelConfig
+from crate_jax.models.config import BlockConfig
 
 
-def _dtypes(cfg: ModelConfig):
+def _dtypes(cfg: BlockConfig):
     return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
@@ -28,7 +28,7 @@ def _keys(key, n):
 class CrateBlock(nnx.Module):
     """`z = x + MSSA(LN1(x))`, then `x_next = ISTA(LN2(z))` – no residual around ISTA (SPEC §1.2)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs):
         dt = _dtypes(cfg)
         d = cfg.width
         torch_linear = L.uniform(1.0 / math.sqrt(d))  # torch nn.Linear default init, fan_in = d (= K·p)
@@ -53,7 +53,7 @@ class CrateBlock(nnx.Module):
 class CrateAlphaBlock(nnx.Module):
     """`x += MSSA(LN_0(x))`, `x += ODL(LN_1(x))` with dropout and drop-path (SPEC §2.1.4)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs):
         dt = _dtypes(cfg)
         d = cfg.width
         self.dropout, self.residual = cfg.dropout, cfg.odl_residual
@@ -76,7 +76,7 @@ class CrateAlphaBlock(nnx.Module):
 class ViTBlock(nnx.Module):
     """Pre-LN transformer block: `x += MHA(LN(x))`, `x += MLP(LN(x))`."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, inits: dict | None = None):
+    def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs, inits: dict | None = None):
         dt = _dtypes(cfg)
         d = cfg.width
         inits = inits or dict(qkv=L.xavier_uniform(d, d), out=L.xavier_uniform(d, d),

@@ -59,7 +59,7 @@ class ImageClassifier(nnx.Module):
             self.pos_embedding = L.param(rngs, pos_init, (1, n_tokens, d), (None, "tokens", "embed"), pd)
         else:
             self.pos_embedding = None
-        self.encoder = Encoder(cfg, BLOCKS[cfg.model], rngs=rngs)
+        self.encoder = Encoder(cfg.block, BLOCKS[cfg.model], rngs=rngs)
         self.encoder_norm = L.LayerNorm(d, eps=cfg.final_ln_eps, rngs=rngs, **dt)
         if cfg.num_classes:
             if cfg.model == "crate":
@@ -118,3 +118,9 @@ class ImageClassifier(nnx.Module):
         if capture:
             return out, dict(caps, tokens_in=x_in, tokens_out=x)
         return out
+
+
+def build_model(cfg: ModelConfig, seed: int | jax.Array = 0) -> ImageClassifier:
+    """A freshly initialised image classifier for `cfg` (the constructor of bundle kind 'classifier')."""
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    return ImageClassifier(cfg, rngs=nnx.Rngs(params=key))

@@ -1,15 +1,16 @@
 """Model configuration and the variant tables of SPEC.md (§1.5, §2.3, §3.1).
 
 A `ModelConfig` is plain, frozen data: it is what `convert` writes next to a checkpoint as JSON and
-what every model constructor takes. `model_config(model, variant, **overrides)` is the one way to
-build it from a variant name such as `"B/16"`.
+what the image classifier takes. `model_config(model, variant, **overrides)` is the one way to
+build it from a variant name such as `"B/16"`. Its `block` is the `BlockConfig` the shared encoder
+blocks read; other networks (text towers, language models) derive their own `BlockConfig`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 MODELS = ("crate", "crate_alpha", "vit")
 POOLS = ("cls", "mean")
@@ -57,12 +58,94 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Everything that fixes a model's parameters and forward pass.
+class BlockConfig:
+    """One stack of identical encoder blocks: what `blocks.py` and `encoder.py` read.
 
-    Shapes: images are NHWC `[B, image_size, image_size, channels]`; tokens are `[B, N+1, width]`
-    with `N = (image_size / patch_size)**2` patches plus the cls token.
+    Image classifiers, text towers and (later) language models all derive one from their own
+    config (`ModelConfig.block`, `TextConfig.block`), so the blocks never see image fields.
+    `family` picks the block: 'crate' (MSSA + ISTA), 'crate_alpha' (MSSA + ODL) or 'vit'.
     """
+
+    family: str
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int = 0  # ViT MLP width (unused by CRATE / CRATE-α).
+    # Sparse-coding step size η and threshold λ (SPEC §1.2, §2.1): fixed constants, not learned.
+    eta: float = 0.1
+    lmbda: float = 0.1
+    # CRATE-α ODL block (SPEC §2.1.6); the official code hard-codes 4 / 2 / True / True.
+    odl_ratio: int = 4
+    odl_steps: int = 2
+    odl_decoupled: bool = True
+    odl_residual: bool = True
+    ln_eps: float = 1e-6
+    attn_out_bias: bool = False  # MSSA output projection bias: CRATE yes, CRATE-α no.
+    causal: bool = False
+    attention: str = "fused"  # 'fused': jax.nn.dot_product_attention; 'explicit': einsum + softmax.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan: bool = False
+    remat: str = "none"
+    dropout: float = 0.0
+    drop_path: float = 0.0
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def dict_size(self) -> int:
+        """Width of the sparse code: CRATE's square dictionary, CRATE-α's overcomplete one."""
+        if self.family == "crate":
+            return self.width
+        if self.family == "crate_alpha":
+            return self.odl_ratio * self.width
+        return self.mlp_dim
+
+    def validate(self, what: str = "model") -> None:
+        def bad(field, msg):
+            raise ConfigError(f"{what} config field '{field}': {msg}")
+
+        if self.family not in MODELS:
+            bad("model", f"got {self.family!r}, expected one of {MODELS}")
+        for field, allowed in (("remat", REMATS), ("attention", ATTENTIONS), ("dtype", DTYPES),
+                               ("param_dtype", DTYPES)):
+            if getattr(self, field) not in allowed:
+                bad(field, f"got {getattr(self, field)!r}, expected one of {allowed}")
+        if self.width <= 0 or self.depth <= 0 or self.num_heads <= 0:
+            bad("width", f"width, depth and num_heads must be positive, got {self.width}, {self.depth}, "
+                f"{self.num_heads}")
+        if self.width % self.num_heads:
+            bad("num_heads", f"width {self.width} is not divisible by {self.num_heads} heads")
+        if self.family == "vit" and self.mlp_dim <= 0:
+            bad("mlp_dim", "ViT needs a positive MLP width")
+        if self.odl_steps < 1 or self.odl_ratio < 1:
+            bad("odl_steps", "odl_steps and odl_ratio must be >= 1")
+        for field in ("dropout", "drop_path"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                bad(field, f"must be in [0, 1), got {getattr(self, field)}")
+
+    def replace(self, **changes) -> "BlockConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_BLOCK_FIELDS = tuple(f.name for f in dataclasses.fields(BlockConfig) if f.name != "family")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes an image classifier's parameters and forward pass.
+
+    The fields are flat (this is the JSON a bundle stores); `block` is the `BlockConfig` of its
+    encoder. Shapes: images are NHWC `[B, image_size, image_size, channels]`; tokens are
+    `[B, N+1, width]` with `N = (image_size / patch_size)**2` patches plus the cls token.
+    """
+
+    kind: ClassVar[str] = "classifier"  # the bundle kind (crate_jax.models.registry)
 
     model: str
     variant: str
@@ -76,10 +159,8 @@ class ModelConfig:
     mlp_dim: int = 0  # ViT MLP width (unused by CRATE / CRATE-α).
     pool: str = "cls"
     posemb: str = "learn"
-    # Sparse-coding step size η and threshold λ (SPEC §1.2, §2.1): fixed constants, not learned.
     eta: float = 0.1
     lmbda: float = 0.1
-    # CRATE-α ODL block (SPEC §2.1.6); the official code hard-codes 4 / 2 / True / True.
     odl_ratio: int = 4
     odl_steps: int = 2
     odl_decoupled: bool = True
@@ -88,9 +169,9 @@ class ModelConfig:
     final_ln_eps: float = 1e-6
     stem_bias: bool = True  # conv / patch-embedding bias (CRATE-α `emb_head_bias`)
     head_bias: bool = True
-    attn_out_bias: bool = False  # MSSA output projection bias: CRATE yes, CRATE-α no.
+    attn_out_bias: bool = False
     causal: bool = False
-    attention: str = "fused"  # 'fused': jax.nn.dot_product_attention; 'explicit': einsum + softmax.
+    attention: str = "fused"
     dtype: str = "float32"
     param_dtype: str = "float32"
     scan: bool = False
@@ -103,6 +184,10 @@ class ModelConfig:
         self.validate()
 
     # Derived sizes -------------------------------------------------------------------------
+    @property
+    def block(self) -> BlockConfig:
+        return BlockConfig(family=self.model, **{f: getattr(self, f) for f in _BLOCK_FIELDS})
+
     @property
     def head_dim(self) -> int:
         return self.width // self.num_heads
@@ -117,12 +202,7 @@ class ModelConfig:
 
     @property
     def dict_size(self) -> int:
-        """Width of the sparse code: CRATE's square dictionary, CRATE-α's overcomplete one."""
-        if self.model == "crate":
-            return self.width
-        if self.model == "crate_alpha":
-            return self.odl_ratio * self.width
-        return self.mlp_dim
+        return self.block.dict_size
 
     def validate(self) -> None:
         def bad(field, msg):
@@ -130,28 +210,23 @@ class ModelConfig:
 
         if self.model not in MODELS:
             bad("model", f"got {self.model!r}, expected one of {MODELS}")
-        for field, allowed in (("pool", POOLS), ("posemb", POSEMBS), ("remat", REMATS),
-                               ("attention", ATTENTIONS), ("dtype", DTYPES), ("param_dtype", DTYPES)):
+        for field, allowed in (("pool", POOLS), ("posemb", POSEMBS)):
             if getattr(self, field) not in allowed:
                 bad(field, f"got {getattr(self, field)!r}, expected one of {allowed}")
-        if self.width % self.num_heads:
-            bad("num_heads", f"width {self.width} is not divisible by {self.num_heads} heads")
-        if self.patch_size <= 0 or self.image_size % self.patch_size:
+        self.block.validate()
+        if self.patch_size <= 0 or self.image_size <= 0 or self.image_size % self.patch_size:
             bad("image_size", f"{self.image_size} px is not divisible by patch size {self.patch_size}; "
-                f"use a multiple of {self.patch_size} (e.g. {self.patch_size * max(1, self.image_size // self.patch_size)})")
+                f"use a multiple of {self.patch_size} (e.g. {self.patch_size * max(1, self.image_size // max(1, self.patch_size))})")
+        if self.num_classes < 0:
+            bad("num_classes", f"must be >= 0 (0: no head), got {self.num_classes}")
         if self.model == "crate_alpha" and self.pool != "cls":
             bad("pool", "CRATE-α always pools the cls token (SPEC §2.1.7); use pool='cls'")
         if self.model == "crate" and self.posemb != "learn":
             bad("posemb", "CRATE uses a learned position embedding (SPEC §1.1)")
-        if self.model == "vit" and self.mlp_dim <= 0:
-            bad("mlp_dim", "ViT needs a positive MLP width")
-        if self.odl_steps < 1 or self.odl_ratio < 1:
-            bad("odl_steps", "odl_steps and odl_ratio must be >= 1")
         if self.posemb == "sincos2d" and self.width % 4:
             bad("posemb", f"sincos2d needs width divisible by 4, got {self.width}")
-        for field in ("dropout", "drop_path", "emb_dropout"):
-            if not 0.0 <= getattr(self, field) < 1.0:
-                bad(field, f"must be in [0, 1), got {getattr(self, field)}")
+        if not 0.0 <= self.emb_dropout < 1.0:
+            bad("emb_dropout", f"must be in [0, 1), got {self.emb_dropout}")
 
     # Serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from crate_jax.models.config import ModelConfig
+from crate_jax.models.config import BlockConfig
 
 REMAT_POLICIES = {
     "none": None,
@@ -23,7 +23,7 @@ REMAT_POLICIES = {
 class Encoder(nnx.Module):
     """`depth` blocks of `block_cls`; `x [B, N, d] -> x [B, N, d]` (plus per-layer captures)."""
 
-    def __init__(self, cfg: ModelConfig, block_cls, *, rngs: nnx.Rngs, block_kwargs: dict | None = None):
+    def __init__(self, cfg: BlockConfig, block_cls, *, rngs: nnx.Rngs, block_kwargs: dict | None = None):
         self.depth, self.scan, self.remat, self.drop_path = cfg.depth, cfg.scan, cfg.remat, cfg.drop_path
         keys = jax.random.split(rngs.params(), cfg.depth)
         make = lambda k: block_cls(cfg, rngs=nnx.Rngs(params=k), **(block_kwargs or {}))

@@ -1,5 +1,5 @@
-"""Text tokenisation for the text tower (CLIPA BERT WordPiece)."""
+"""Text tokenisation for the text tower (CLIPA BERT WordPiece): ``crate_jax.text.tokenizer``.
 
-from crate_jax.text.tokenizer import Tokenizer, build_vocab
-
-__all__ = ["Tokenizer", "build_vocab"]
+Submodules are imported explicitly, so that ``python -m crate_jax.text.tokenizer`` (the vocab
+command) runs without the package having imported it first.
+"""

@@ -11,11 +11,15 @@ keeps the first ``L - 1`` word pieces, prepends ``[CLS]`` (id 101 in the BERT vo
 * WordPiece with ``[UNK]`` for words that cannot be covered, at most 100 characters per word.
 
 The vocab is a BERT ``vocab.txt``: one token per line, the id is the 0-based line number.
-:func:`build_vocab` trains such a file on captions, with the BERT id layout for the special tokens.
+:func:`build_vocab` trains such a file on captions, with the BERT id layout for the special tokens;
+from a caption file (one per line), also on the command line:
+
+    python -m crate_jax.text.tokenizer --corpus captions.txt --out vocab.txt [--size 32000]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Iterable, Sequence
 
@@ -31,6 +35,7 @@ BERT_SPECIAL_TOKENS = (
     ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 )
 MAX_CHARS_PER_WORD = 100
+DEFAULT_VOCAB_SIZE = 32_000  # configs/clipa.py's text vocab_size
 
 
 def _normalizer() -> normalizers.Normalizer:
@@ -160,3 +165,29 @@ def build_vocab(
     with open(out_path, "w", encoding="utf-8") as f:
         f.write("\n".join(tokens) + "\n")
     return len(tokens)
+
+
+def build_vocab_file(corpus: str | os.PathLike, out_path: str | os.PathLike,
+                     vocab_size: int = DEFAULT_VOCAB_SIZE) -> int:
+    """:func:`build_vocab` on a UTF-8 text file holding one caption per line (blank lines ignored)."""
+    corpus = os.fspath(corpus)
+    if not os.path.isfile(corpus):
+        raise FileNotFoundError(f"caption corpus {corpus} not found; expected a UTF-8 text file, one caption per line")
+    with open(corpus, encoding="utf-8") as f:
+        return build_vocab((line.rstrip("\r\n") for line in f if line.strip()), out_path, vocab_size)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m crate_jax.text.tokenizer",
+                                description="Trains a BERT-layout WordPiece vocab.txt on a caption file.")
+    p.add_argument("--corpus", required=True, help="UTF-8 text file, one caption per line")
+    p.add_argument("--out", required=True, help="vocab.txt to write")
+    p.add_argument("--size", type=int, default=DEFAULT_VOCAB_SIZE,
+                   help="vocab size including the 104 BERT special entries (a small corpus may give fewer)")
+    a = p.parse_args(argv)
+    n = build_vocab_file(a.corpus, a.out, a.size)
+    print(f"wrote {n} tokens to {a.out}")
+
+
+if __name__ == "__main__":
+    main()

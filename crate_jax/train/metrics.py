@@ -1,5 +1,11 @@
 """Where metrics go: `metrics.jsonl`, TensorBoard event files (no TensorFlow needed) and the console.
-Only process 0 writes."""
+Only process 0 writes.
+
+A resumed run re-runs the steps after its checkpoint, so on resume the writer first drops the
+`metrics.jsonl` rows of steps after the resumed one: every step appears once, as the run that
+produced the checkpointed state logged it. `read_metrics` (what `sweep` and the plots use) also
+keeps only the last row per step and key, for files written before this rule.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +19,32 @@ from pathlib import Path
 import jax
 
 
+def _rows(text: str, source) -> list[dict]:
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut off by a crash: skip it, say so
+            print(f"warning: {source} line {n} is not JSON (a write cut off by a crash?); skipped", file=sys.stderr)
+    return rows
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a `metrics.jsonl`, one per step (later rows of a step override earlier ones key by
+    key), sorted by step."""
+    from etils import epath
+    path = epath.Path(str(path))
+    merged: dict[int, dict] = {}
+    for row in _rows(path.read_text(), path):
+        if "step" in row:
+            merged.setdefault(int(row["step"]), {}).update(row)
+    return [merged[s] for s in sorted(merged)]
+
+
 class MetricsWriter:
-    def __init__(self, workdir: str | Path, *, enabled: bool | None = None):
+    def __init__(self, workdir: str | Path, *, enabled: bool | None = None, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         from etils import epath
         self.workdir = epath.Path(str(workdir))
@@ -23,11 +53,17 @@ class MetricsWriter:
         self._lines: list[str] = []  # remote workdirs (gs://) cannot append: the file is rewritten
         self._tb = None
         if self.enabled:
+            path = self.workdir / "metrics.jsonl"
+            lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+            if resume_step is not None:  # the steps after the checkpoint are about to be re-run
+                kept = [ln for ln in lines if ln.strip() and _step_of(ln) is not None and _step_of(ln) <= resume_step]
+                if kept != lines:
+                    path.write_text("".join(kept))
+                lines = kept
             if self.remote:
-                path = self.workdir / "metrics.jsonl"
-                self._lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+                self._lines = lines
             else:
-                self._jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)
+                self._jsonl = open(path, "a", buffering=1)
             try:
                 from tensorboard.summary.writer.event_file_writer import EventFileWriter
                 (self.workdir / "tensorboard").mkdir(exist_ok=True)
@@ -60,6 +96,13 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def console(msg: str) -> None:

@@ -2,7 +2,9 @@
 
 `update = −lr · s(t) · (adam(g) + wd · θ)` with `g` clipped by global norm, weight decay only on
 parameters whose path matches `wd_mask` (the official `.*/kernel$`), and frozen parameters
-(`freeze`, a list of regexes) getting neither updates nor optimizer state.
+(`freeze`, a list of regexes) getting neither updates nor optimizer state. Parameter groups with
+their own learning rate: `lr_mults`, a list of `(regex, multiplier)` pairs (the first match wins),
+scales those parameters' updates, i.e. their learning rate, by the multiplier.
 """
 
 from __future__ import annotations
@@ -46,9 +48,18 @@ def schedule(cfg: ConfigDict, total_steps: int):
     return fn
 
 
+def _scale_by_group(params, lr_mults: list[tuple[str, float]]) -> optax.GradientTransformation:
+    """Multiplies each parameter's update by the multiplier of the first `(regex, multiplier)` its path
+    fully matches (1 if none)."""
+    rx = [(re.compile(p), m) for p, m in lr_mults]
+    mults = jax.tree_util.tree_map_with_path(
+        lambda p, _: next((m for r, m in rx if r.fullmatch(path_str(p))), 1.0), params)
+    return optax.stateless(lambda updates, _: jax.tree.map(lambda u, m: u * jnp.asarray(m, u.dtype), updates, mults))
+
+
 def build_optimizer(cfg: ConfigDict, params, total_steps: int) -> tuple[optax.GradientTransformation, callable]:
     """Returns `(tx, lr_fn)`. `cfg` fields: name, lr, min_lr, warmup_steps, b1, b2, mu_dtype, wd, wd_mask,
-    clip, freeze (list of regexes)."""
+    clip, freeze (list of regexes), lr_mults (list of (regex, multiplier))."""
     name = cfg.get("name", "adamw")
     if name not in OPTIMIZERS:
         raise ValueError(f"config.optim.name: got {name!r}, expected one of {OPTIMIZERS}")
@@ -65,6 +76,9 @@ def build_optimizer(cfg: ConfigDict, params, total_steps: int) -> tuple[optax.Gr
     if cfg.get("wd"):
         parts.append(optax.add_decayed_weights(float(cfg.wd), mask=path_mask(params, cfg.get("wd_mask", r".*kernel"))))
     parts.append(optax.scale_by_learning_rate(lr_fn))
+    lr_mults = [(str(p), float(m)) for p, m in (cfg.get("lr_mults", None) or [])]
+    if lr_mults:
+        parts.append(_scale_by_group(params, lr_mults))
     tx = optax.chain(*parts)
     freeze = list(cfg.get("freeze", []) or [])
     if freeze:

@@ -1,12 +1,13 @@
-"""The pure, jitted train step: loss → gradients (optionally over microbatches) → optimizer update.
+"""The pure, jitted train step: loss → gradients (optionally over microbatches) → optimizer update →
+the task's extras update.
 
-The state is a plain dict `{'step', 'params', 'opt_state'}` of arrays; the per-step random key is
-`fold_in(key(seed), step)`, so it never needs saving and a resumed run draws the same numbers.
+The state is a plain dict of arrays (`crate_jax.train.task` describes its parts); the per-step
+random key is `fold_in(key(seed), step)`, so it never needs saving and a resumed run draws the same
+numbers. `train/finite` (1 or 0) says whether the loss, the gradients and the updated parameters are
+all finite: the loop never checkpoints a state for which it is 0.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,20 +15,26 @@ import optax
 from flax import nnx
 
 
-def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation, lr_fn, *, seed: int,
-                    microbatches: int = 1):
-    """`loss_fn(model, batch, rng) -> (loss, metrics)`; returns `step(state, batch) -> (state, metrics)`."""
+def all_finite(tree) -> jax.Array:
+    """One boolean: every element of every floating leaf of `tree` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
-    def loss_of_params(params, batch, rng):
-        return loss_fn(nnx.merge(graphdef, params), batch, rng)
+
+def make_train_step(graphdef, task, tx: optax.GradientTransformation, lr_fn, *, seed: int, microbatches: int = 1):
+    """`step(state, batch) -> (state, metrics)` for `task` (see `crate_jax.train.task.Task.loss`)."""
+
+    def loss_of_params(params, buffers, batch, rng, extras):
+        loss, metrics, aux = task.loss(nnx.merge(graphdef, params, buffers), batch, rng, extras)
+        return loss, (metrics, aux)
 
     grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
 
     def step(state, batch):
         rng = jax.random.fold_in(jax.random.key(seed), state["step"])
-        params = state["params"]
+        params, buffers, extras = state["params"], state.get("buffers", {}), state.get("extras", {})
         if microbatches == 1:
-            (loss, aux), grads = grad_fn(params, batch, rng)
+            (loss, (metrics, aux)), grads = grad_fn(params, buffers, batch, rng, extras)
         else:
             def split(x):  # [B, ...] -> [M, B/M, ...], microbatch i = rows i, M+i, 2M+i, ...
                 return jnp.swapaxes(x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:]), 0, 1)
@@ -35,19 +42,26 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
 
             def body(carry, xs):
                 mb, i = xs
-                (l, a), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (l, a, g)), None
+                out = grad_fn(params, buffers, mb, jax.random.fold_in(rng, i), extras)
+                return jax.tree.map(jnp.add, carry, out), None
 
-            shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], mbs), rng)
-            zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][0], shapes[0][1], shapes[1]))
-            (loss, aux, grads), _ = jax.lax.scan(body, zero, (mbs, jnp.arange(microbatches)))
-            loss, aux, grads = jax.tree.map(lambda x: x / microbatches, (loss, aux, grads))
+            shapes = jax.eval_shape(grad_fn, params, buffers, jax.tree.map(lambda x: x[0], mbs), rng, extras)
+            zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            total, _ = jax.lax.scan(body, zero, (mbs, jnp.arange(microbatches)))
+            (loss, (metrics, aux)), grads = jax.tree.map(lambda x: x / microbatches, total)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        params = optax.apply_updates(params, updates)
-        metrics = dict(aux)
+        new_params = optax.apply_updates(params, updates)
+        new = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+        if "buffers" in state:
+            new["buffers"] = buffers
+        if "extras" in state:
+            new["extras"] = task.update_extras(extras, new_params, state["step"], aux)
+        finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(new_params) & all_finite(new.get("extras", {}))
+        metrics = dict(metrics)
         metrics.update({"train/loss": loss, "train/lr": lr_fn(state["step"]),
                         "train/grad_norm": optax.global_norm(grads),
-                        "train/param_norm": optax.global_norm(params)})
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+                        "train/param_norm": optax.global_norm(new_params),
+                        "train/finite": finite.astype(jnp.float32)})
+        return new, metrics
 
     return step

@@ -1,6 +1,6 @@
-"""Import official CLIPA two-tower weights (big_vision `.npz`, SPEC §3.1) into a two-tower bundle.
+"""Official CLIPA two-tower weights (big_vision `.npz`, SPEC §3.1) <-> our two-tower tree.
 
-    python -m crate_jax.clip.convert_clipa --input clipa_l14_84.npz --output bundles/clipa_l14
+    python -m crate_jax.convert --format clipa-jax --input clipa_l14_84.npz --output bundles/clipa_l14
 
 The file holds flat '/' paths (optionally under `params/`, with `opt/…` / `chrono/…` siblings that
 are ignored): `img/…` is a CRATE-α tree (SPEC §2.4, normally without conv and head biases, the head
@@ -12,17 +12,16 @@ written, and `to_clipa` maps a tree back bit for bit.
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from crate_jax.clip.model import TEXT_VARIANTS, TextConfig, TwoTowerConfig
 from crate_jax.models.config import ConfigError
+from crate_jax.models.text import TEXT_VARIANTS, TextConfig
+from crate_jax.models.two_tower import TwoTowerConfig
 from crate_jax.weights import layouts
+from crate_jax.weights.importer import import_tensors
 from crate_jax.weights.readers import WeightsError, read_tensors
 
 _BLOCK = "txt/Transformer/encoderblock_{i}/"
@@ -99,8 +98,6 @@ def from_clipa(tensors: Mapping[str, np.ndarray], *, source: str = "weights", dt
     """`(cfg, params)` from a flat dict of official CLIPA tensors; `params` is our nested tree (numpy,
     `dtype` default float32). Raises `WeightsError` listing every missing / unexpected / mis-shaped
     tensor."""
-    from crate_jax.convert import import_tensors
-
     tensors = normalise_names(tensors)
     if "t" not in tensors:
         raise WeightsError(f"{source}: no 't' (the log temperature, shape (1,)); is this a CLIPA two-tower "
@@ -169,34 +166,6 @@ def to_clipa(cfg: TwoTowerConfig, params: Mapping) -> dict[str, np.ndarray]:
     return out
 
 
-def main(argv=None) -> int:
-    from crate_jax.checkpoint.bundle import BundleError, save_bundle
-
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.clip.convert_clipa", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--input", required=True, help="CLIPA checkpoint (.npz or .safetensors)")
-    ap.add_argument("--output", required=True, help="bundle directory to create")
-    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    args = ap.parse_args(argv)
-    try:
-        cfg, params = from_clipa(read_tensors(args.input), source=str(args.input))
-        save_bundle(args.output, cfg, params, source=f"clipa-jax:{Path(args.input).name}", overwrite=args.overwrite)
-    except (WeightsError, ConfigError, BundleError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    n = sum(int(np.size(x)) for x in _leaves(params))
-    print(f"imported CLIPA two-tower: image {layouts.describe(cfg.image)}; text {cfg.text.variant} "
-          f"(width {cfg.text.width}, depth {cfg.text.depth}, {cfg.text.num_heads} heads, {cfg.text.max_len} tokens)\n"
-          f"  {n:,} parameters -> {args.output}")
-    return 0
-
-
-def _leaves(tree):
-    if isinstance(tree, Mapping):
-        for v in tree.values():
-            yield from _leaves(v)
-    else:
-        yield tree
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def import_clipa(path, **kw) -> tuple[TwoTowerConfig, dict]:
+    """`(cfg, params)` from a CLIPA checkpoint file (`.npz` or `.safetensors`)."""
+    return from_clipa(read_tensors(path), source=str(path), **kw)

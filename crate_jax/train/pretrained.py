@@ -6,40 +6,13 @@ the flattened 1-D token axis, CLIPA's mode, with `init.posemb_resample='1d'`).""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
+from crate_jax.checkpoint.params import read_params
 from crate_jax.models import posemb
 from crate_jax.train.optim import path_str
-
-
-def read_params(path: str | Path, step: int | None = None) -> dict:
-    """Parameters (nested dict of numpy arrays) from a bundle directory, a training workdir (its newest
-    committed step, or `step`), or a workdir's `checkpoints/<step>` directory."""
-    from crate_jax.checkpoint.training import as_path
-    path = as_path(path)
-    if (path / "params").is_dir() and (path / "model.json").is_file():
-        target = path / "params"
-        key = None
-    else:
-        ckdir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        if (ckdir / "state").is_dir():
-            target = ckdir / "state"
-        else:
-            steps = sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit()) if ckdir.is_dir() else []
-            if not steps:
-                raise FileNotFoundError(f"{path}: no bundle (model.json) and no committed checkpoint steps found")
-            if step is not None and step not in steps:
-                raise FileNotFoundError(f"{ckdir}: no checkpoint at step {step}; committed steps: {steps}")
-            target = ckdir / str(steps[-1] if step is None else step) / "state"
-        key = "params"
-    with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.restore(target)
-    tree = tree[key] if key else tree
-    return jax.tree.map(np.asarray, tree)
 
 
 def adapt(loaded: dict, fresh: dict, *, dont_load: str | None = r"head/.*", posemb_mode: str = "2d") -> dict:
@@ -74,7 +47,11 @@ def adapt(loaded: dict, fresh: dict, *, dont_load: str | None = r"head/.*", pose
     return out
 
 
-def load_pretrained(init_cfg, model_cfg, fresh: dict) -> dict:
-    loaded = read_params(init_cfg.checkpoint)
+def load_pretrained(init_cfg, fresh: dict, *, loaded: dict | None = None) -> dict:
+    """`fresh` (host numpy tree) with the parameters of `init_cfg.checkpoint` merged in (see `adapt`):
+    `init_cfg.dont_load` (regex, default the head) keeps fresh values, `init_cfg.posemb_resample`
+    ('2d' | '1d') resamples a position embedding of another length."""
+    if loaded is None:
+        loaded = read_params(init_cfg.checkpoint)
     return adapt(loaded, fresh, dont_load=init_cfg.get("dont_load", r"head/.*"),
                  posemb_mode=init_cfg.get("posemb_resample", "2d"))
