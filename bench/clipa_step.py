@@ -3,7 +3,8 @@
     python bench/clipa_step.py --variant B/16 --text B --batch 256 --res 84,224
     python bench/clipa_step.py --variant Ti/14 --text mu --batch 32 --width 96 --depth 4 --heads 3   # CPU-sized
 
-Both resolutions are measured in one process with the engine's own pieces (`Setup` from
+Both resolutions are built and compiled in one process, then timed interleaved, one step each in
+turn (A B A B) with the engine's own pieces (`Setup` from
 `crate_jax.train.loop`: the real config `configs/clipa.py`, the sharded jitted train step with the
 global-batch loss and the CLIPA optimizer, text tower and temperature frozen unless
 `--train-text`), on random uint8 images and token ids. For each resolution it prints examples/s,
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,16 +28,20 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def measure(args, res: int) -> dict:
+def build(args, res: int):
+    """The compiled step at `res`, as `(run_one_step, info)`."""
     from configs import clipa
     from crate_jax.parallel.mesh import make_mesh
-    from crate_jax.train import metrics as M
     from crate_jax.train.evaluation import global_batch
     from crate_jax.train.setup import Setup
 
+    # The task checks its data config at start-up: a shard pattern (never opened: the batch is random) and a
+    # real vocab file (a small one is written here).
+    vocab = Path(tempfile.mkdtemp()) / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(95)]) + "\n")
     arg = (f"variant={args.variant},res={res},txt_len={args.txt_len},text={args.text},batch={args.batch},"
            f"freeze_text={not args.train_text},steps=1000,warmup=10,width={args.width},depth={args.depth},"
-           f"heads={args.heads},out_dim={args.out_dim},vocab_size={args.vocab_size}")
+           f"heads={args.heads},out_dim={args.out_dim},vocab_size={args.vocab_size},shards=unused.tar,vocab={vocab}")
     config = clipa.get_config(arg)
     config.mesh = {"data": -1, "fsdp": 1, "tensor": 1} if args.mesh == "data" else {"data": 1, "fsdp": -1, "tensor": 1}
     if args.dtype:
@@ -56,19 +62,37 @@ def measure(args, res: int) -> dict:
     for _ in range(args.warmup):
         state, m = compiled(state, batch)
     jax.block_until_ready(m)
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        state, m = compiled(state, batch)
+    box = [state]
+
+    def step():
+        box[0], m = compiled(box[0], batch)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    step_s = float(np.median(times))
+        return m
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return step, {"res": res, "tokens": task.model_cfg.image.num_patches + 1, "batch": setup.global_batch_size,
+                  "train_gflops_per_example": task.flops_per_example() / 1e9, "compile_s": compile_s,
+                  "xla_gbytes_per_example": float(cost["bytes accessed"]) / 1e9 / setup.global_batch_size}
+
+
+def measure(args, built: list) -> list[dict]:
+    """Times the built steps interleaved (A B A B, `args.steps` rounds of one step each), so a busy host
+    slows every resolution alike; MFU against a matmul peak measured right after."""
+    from crate_jax.train import metrics as M
+    times = [[] for _ in built]
+    for _ in range(args.steps):
+        for i, (step, _) in enumerate(built):
+            t = time.perf_counter()
+            m = step()
+            times[i].append(time.perf_counter() - t)
     peak = M.measure_matmul_peak() * jax.device_count()
-    eps = setup.global_batch_size / step_s
-    flops = task.flops_per_example()
-    return {"res": res, "tokens": task.model_cfg.image.num_patches + 1, "step_s": step_s, "examples_per_s": eps,
-            "train_gflops_per_example": flops / 1e9, "mfu": eps * flops / peak, "peak_gflops": peak / 1e9,
-            "compile_s": compile_s, "loss": float(m["train/loss"])}
+    out = []
+    for (step, info), ts in zip(built, times):
+        step_s = float(np.median(ts))
+        eps = info["batch"] / step_s
+        out.append(dict(info, step_s=step_s, examples_per_s=eps, mfu=eps * info["train_gflops_per_example"] * 1e9 / peak,
+                        peak_gflops=peak / 1e9, loss=float(step()["train/loss"])))
+    return out
 
 
 def main(argv=None) -> int:
@@ -90,13 +114,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
-    results = []
-    for res in (int(r) for r in args.res.split(",")):
-        r = measure(args, res)
-        results.append(r)
-        print(f"{args.variant} @ {res:>3} px ({r['tokens']:>3} image tokens): {r['examples_per_s']:9.1f} ex/s, "
+    results = measure(args, [build(args, int(r)) for r in args.res.split(",")])
+    for r in results:
+        print(f"{args.variant} @ {r['res']:>3} px ({r['tokens']:>3} image tokens): {r['examples_per_s']:9.1f} ex/s, "
               f"step {1000 * r['step_s']:8.1f} ms, {r['train_gflops_per_example']:.3f} GFLOP/example, "
-              f"MFU {100 * r['mfu']:.1f}% of {r['peak_gflops']:.0f} GFLOP/s (compile {r['compile_s']:.1f}s)",
+              f"MFU {100 * r['mfu']:.1f}% of {r['peak_gflops']:.0f} GFLOP/s, XLA: {r['xla_gbytes_per_example']:.3f} "
+              f"GB accessed/example (compile {r['compile_s']:.1f}s)",
               flush=True)
     base = results[0]
     for r in results[1:]:

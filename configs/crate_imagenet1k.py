@@ -23,8 +23,8 @@ def get_config(arg: str = ""):
     epochs = a.epochs or (200 if lion else 90)
     c = base_config()
     c.res = a.res
-    c.model = ConfigDict(dict(name=a.model, variant=a.variant, pool=a.pool) if a.model == "crate"
-                         else dict(name=a.model, variant=a.variant))
+    c.model = ConfigDict(dict(name=a.model, variant=a.variant, num_classes=1000, pool=a.pool) if a.model == "crate"
+                         else dict(name=a.model, variant=a.variant, num_classes=1000))
     c.data = ConfigDict(dict(source="tfds", name="imagenet2012", data_dir=a.data_dir or None, train_split="train",
                              eval_split="validation", augment="inception_crop", area_min=8, flip=True, randaug=None))
     c.batch_size = batch

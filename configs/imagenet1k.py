@@ -21,7 +21,8 @@ def get_config(arg: str = ""):
                    fsdp=1, tensor=1, steps=0)
     c = base_config()
     c.res = a.res
-    c.model = ConfigDict(dict(name=a.model, variant=a.variant, dtype="bfloat16", remat="full", scan=True))
+    c.model = ConfigDict(dict(name=a.model, variant=a.variant, num_classes=1000, dtype="bfloat16", remat="full",
+                              scan=True))
     c.data = ConfigDict(dict(source="tfds", name="imagenet2012", data_dir=a.data_dir or None, train_split="train",
                              eval_split="validation", augment="inception_crop", area_min=8, flip=True,
                              randaug=(2, 9), resize_small=256 * a.res // 224))

@@ -23,7 +23,8 @@ def get_config(arg: str = ""):
                    fsdp=1, tensor=1, steps=0)
     c = base_config()
     c.res = a.res
-    c.model = ConfigDict(dict(name=a.model, variant=a.variant, dtype="bfloat16", remat="full", scan=True))
+    c.model = ConfigDict(dict(name=a.model, variant=a.variant, num_classes=19_167, dtype="bfloat16", remat="full",
+                              scan=True))  # the winter-2021 release (SPEC §7.2)
     c.data = ConfigDict(dict(source="tfds", name="imagenet21k", data_dir=a.data_dir or None,
                              train_split="train[:100%]", eval_split=None, augment="inception_crop", area_min=8,
                              flip=True, randaug=None))

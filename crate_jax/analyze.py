@@ -1,4 +1,4 @@
-"""White-box analysis of a CRATE / CRATE-α (or ViT) classifier bundle.
+"""White-box analysis of a CRATE / CRATE-α (or ViT) classifier bundle, or of a language-model bundle.
 
     python -m crate_jax.analyze --checkpoint DIR --images SOURCE --out OUTDIR
         [--max-images N] [--batch-size B] [--layers 0,5,-1] [--paper-eps 0.5] [--official-eps-sq 0.01]
@@ -8,6 +8,11 @@
 
 SOURCE is a folder of images, an `.npy` array `[M, H, W, 3]` (uint8, or float in [0, 1]), or a bundled
 sample set (`skimage`, `skimage-objects`: photos shipped with scikit-image, so it works offline).
+
+Language models (CRATE-GPT, CRATE-α LM, GPT-2): `--tokens FILE.npy` instead of `--images`, an int array
+`[M, T]` of sequences (or a 1-D token stream, e.g. a shard of `crate_jax.data.text_prepare`, cut into
+blocks); `--max-images` caps the sequences. The same per-layer measurements, on token positions
+(`crate_jax.analysis.lm_measure`); analysis.json, meta.json and rate_reduction.png are written.
 
 Writes:
   OUTDIR/analysis.json        one entry per layer: {"layer", "compression", "compression_std", "sparsity",
@@ -63,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m crate_jax.analyze", description=head, epilog=rest,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="bundle directory (model.json + params/)")
-    p.add_argument("--images", required=True,
+    p.add_argument("--images",
                    help=f"folder of images, .npy array, or sample set ({', '.join(sorted(samples.SAMPLE_SETS))})")
+    p.add_argument("--tokens", help="language models: .npy int tokens [M, T] (or a 1-D stream, cut into blocks)")
     p.add_argument("--out", required=True, help="output directory (created; existing files are overwritten)")
     p.add_argument("--max-images", type=int, default=None, help="measure at most this many images")
     p.add_argument("--batch-size", type=int, default=16)
@@ -134,9 +140,12 @@ def load_classifier(directory: str):
         raise AnalyzeError(f"checkpoint directory {directory} does not exist (expected a bundle written by "
                            f"crate_jax.convert or crate_jax.export: model.json + params/)")
     cfg, model = load_bundle(path)
+    from crate_jax.models.self_distill import SelfDistillConfig
+    if isinstance(cfg, SelfDistillConfig):  # a SimDINO student / teacher bundle: analyse its backbone
+        cfg, model = cfg.backbone, model.backbone
     if not isinstance(cfg, ModelConfig):
         raise AnalyzeError(f"{directory} holds a {type(cfg).__name__}, not an image classifier; analyze needs a "
-                           f"CRATE, CRATE-α or ViT classifier bundle")
+                           f"CRATE, CRATE-α or ViT classifier bundle (or a SimDINO bundle: its backbone)")
     return cfg, model
 
 
@@ -190,6 +199,10 @@ def format_rows(rows: list[dict]) -> str:
 def run(args) -> dict:
     """Runs the analysis for parsed `args`; returns `{'rows': [...], 'files': [Path, ...]}`."""
     _validate(args)
+    if (args.images is None) == (args.tokens is None):
+        raise AnalyzeError("pass --images (image classifiers) or --tokens (language models), not both")
+    if args.tokens is not None:
+        return run_tokens(args)
     t0 = time.perf_counter()
     cfg, model = load_classifier(args.checkpoint)
     _log(f"loaded {cfg.model} {cfg.variant} (depth {cfg.depth}, {cfg.num_heads} heads, {cfg.image_size} px) "
@@ -233,7 +246,61 @@ def run(args) -> dict:
     files += per_image_pictures(model, images, out, args)
     print(format_rows(rows))
     _log(f"wrote {len(files)} files to {out} in {time.perf_counter() - t0:.1f} s")
-    return {"rows": rows, "files": files}
+    single = len(images) == 1  # a standard deviation over one image is undefined, not a failure
+    bad = [f"layer {r['layer']} {k}" for r in rows + (init_rows or []) for k, v in r.items()
+           if isinstance(v, float) and not math.isfinite(v) and not (single and k.endswith("_std"))]
+    return {"rows": rows, "files": files, "nonfinite": bad}
+
+
+def run_tokens(args) -> dict:
+    """`--tokens`: the per-layer measurements of a language-model bundle on token sequences."""
+    from crate_jax.analysis.lm_measure import measure_lm
+    from crate_jax.checkpoint.bundle import load_bundle
+    from crate_jax.lm.inference import TokenInputError, check_tokens, read_token_array
+    from crate_jax.models.lm import LMConfig, build_lm
+
+    t0 = time.perf_counter()
+    if not Path(args.checkpoint).is_dir():
+        raise AnalyzeError(f"checkpoint directory {args.checkpoint} does not exist (expected a bundle)")
+    cfg, model = load_bundle(args.checkpoint)
+    if not isinstance(cfg, LMConfig):
+        raise AnalyzeError(f"{args.checkpoint} holds a {type(cfg).__name__}; --tokens needs a language-model bundle "
+                           f"(use --images for image classifiers)")
+    try:
+        tokens = check_tokens(read_token_array(args.tokens), cfg, args.tokens, windows=True)
+        layers = measure.check_layers(parse_layers(args.layers), cfg.depth)
+    except (TokenInputError, ValueError) as e:
+        raise AnalyzeError(str(e)) from e
+    tokens = tokens[:args.max_images] if args.max_images else tokens
+    _log(f"loaded {cfg.model} {cfg.variant} LM (depth {cfg.depth}, {cfg.num_heads} heads); {tokens.shape[0]} "
+         f"sequences of {tokens.shape[1]} tokens from {args.tokens}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kw = dict(batch_size=args.batch_size, paper_eps=args.paper_eps, official_eps_sq=args.official_eps_sq,
+              precision=args.precision, layers=layers, progress=_log)
+    rows = measure_lm(model, tokens, **kw)
+    files = [out / "analysis.json", out / "meta.json", out / "rate_reduction.png"]
+    _write_json(out / "analysis.json", rows)
+    init_rows = None
+    if args.compare_init:
+        init_rows = measure_lm(build_lm(cfg, args.init_seed), tokens, **kw)
+        _write_json(out / "analysis_init.json", init_rows)
+        files.append(out / "analysis_init.json")
+    from crate_jax.analysis import lm_measure
+    _write_json(out / "meta.json", {"checkpoint": str(args.checkpoint), "tokens": str(args.tokens),
+                                    "num_sequences": int(tokens.shape[0]), "sequence_length": int(tokens.shape[1]),
+                                    "model": cfg.to_dict(), "paper_eps": args.paper_eps,
+                                    "official_eps_sq": args.official_eps_sq, "precision": args.precision,
+                                    "layers": layers, "definitions": lm_measure.__doc__ + measure.__doc__})
+    plots.plot_rate_reduction(rows, out / "rate_reduction.png", init_rows=init_rows, paper_eps=args.paper_eps,
+                              official_eps_sq=args.official_eps_sq,
+                              title=f"{cfg.model} {cfg.variant} · {tokens.shape[0]} sequence(s) from {args.tokens}")
+    print(format_rows(rows))
+    _log(f"wrote {len(files)} files to {out} in {time.perf_counter() - t0:.1f} s")
+    single = tokens.shape[0] == 1
+    bad = [f"layer {r['layer']} {k}" for r in rows + (init_rows or []) for k, v in r.items()
+           if isinstance(v, float) and not math.isfinite(v) and not (single and k.endswith("_std"))]
+    return {"rows": rows, "files": files, "nonfinite": bad}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,10 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     from crate_jax.models import ConfigError
 
     try:
-        run(args)
+        result = run(args)
     except (AnalyzeError, ImageSourceError, BundleError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if result["nonfinite"]:
+        print(f"error: {len(result['nonfinite'])} measurements are NaN or inf ({', '.join(result['nonfinite'][:6])}"
+              f"{', ...' if len(result['nonfinite']) > 6 else ''}): the activations overflow; try --precision "
+              f"float64 or a float32 bundle. They are written as null.", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -205,8 +205,12 @@ def compile_report(config, devices, *, target: str, backend: str, estimate: bool
     mesh = make_mesh(sizes, devices=devices)
     from crate_jax.models import ConfigError
     from crate_jax.parallel.mesh import MeshError
+    from crate_jax.train.classification import ClassCountUnavailable
     try:
         setup = Setup(config, mesh)  # the task takes the class count from config.model.num_classes
+    except ClassCountUnavailable as e:
+        raise RuntimeError(f"{e}. The only thing the AOT compile needs from the data is the class count: "
+                           f"pass --num-classes N or set config.model.num_classes") from e
     except (ConfigError, MeshError):
         raise
     except Exception as e:
@@ -303,28 +307,18 @@ def main(argv=None) -> int:
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={target.chips}".strip()
 
-    from absl import flags
-    from ml_collections import config_flags
-
-    flag_argv = ["crate_jax.aot"] + rest
-    FLAGS = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "configs/FILE.py:ARGS", flag_values=FLAGS, lock_config=False,
-                                    sys_argv=flag_argv)  # which --config.KEY overrides exist is read from argv
-    try:
-        FLAGS(flag_argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if FLAGS.config is None:
-        print(USAGE, file=sys.stderr)
-        return 2
-    config = FLAGS.config
-    if opts.get("num-classes"):
-        with config.unlocked():
-            config.model.num_classes = int(opts["num-classes"])
     from crate_jax.models import ConfigError
     from crate_jax.parallel.mesh import MeshError
+    from crate_jax.train import config_cli
     try:
+        overrides, rest = config_cli.split_overrides(rest)
+        spec, rest = config_cli.take_option(rest, "config")
+        if spec is None or rest:
+            print(USAGE if spec is None else f"error: unknown arguments {rest}\n{USAGE}", file=sys.stderr)
+            return 2
+        config = config_cli.load_with_overrides(spec, overrides)
+        if opts.get("num-classes"):
+            config_cli.set_value(config, "model.num_classes", opts["num-classes"])
         report = aot_report(config, topology, simulate=simulate)
     except (ConfigError, MeshError) as e:
         print(f"config error: {e}", file=sys.stderr)

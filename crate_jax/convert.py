@@ -4,11 +4,17 @@
     python -m crate_jax.convert --format crate-alpha-jax --input checkpoint.npz --output bundles/L14 [--variant L/14]
     python -m crate_jax.convert --format crate-torch --input crate_tiny.pth --output bundles/T16 [--pool mean]
     python -m crate_jax.convert --format clipa-jax --input clipa_l14_84.npz --output bundles/clipa_l14
+    python -m crate_jax.convert --format crate-gpt-torch --input ckpt.pt --output bundles/crate_gpt [--heads 12]
+    python -m crate_jax.convert --format gpt2-hf --input pytorch_model.bin --output bundles/gpt2
+    python -m crate_jax.convert --format crate-mae-torch --input crate_mae_tiny.pth --output bundles/mae_T16
 
 Formats: `crate-torch` (CRATE state_dict, SPEC §1.6, also `{'state_dict': ...}` and `module.`-prefixed),
 `crate-alpha-torch` (torch_inference state_dict, SPEC §2.5), `crate-alpha-jax` (big_vision `.npz` tree,
 SPEC §2.4, with or without the `params/` prefix; bfloat16 stored as `|V2` is handled), `clipa-jax`
-(a CLIPA two-tower big_vision checkpoint, SPEC §3.1). File types:
+(a CLIPA two-tower big_vision checkpoint, SPEC §3.1), and the language models of
+`crate_jax.weights.gpt`: `crate-gpt-torch` (CRATE-GPT, SPEC §5) and `gpt2-hf` (a Hugging Face GPT-2
+state_dict, Conv1D weights `[in, out]`), and `crate-mae-torch` (the official `model/crate_ae`
+CRATE-MAE state_dict, SPEC §4, `crate_jax.weights.crate_mae`). File types:
 `.pth`/`.pt` (needs torch), `.npz`, `.safetensors`.
 
 The model config is read from the shapes (`crate_jax.weights.layouts.infer_config`); every tensor
@@ -26,7 +32,7 @@ from pathlib import Path
 
 from crate_jax.checkpoint.bundle import BundleError, save_bundle
 from crate_jax.models import ConfigError
-from crate_jax.weights import clipa, layouts
+from crate_jax.weights import clipa, crate_mae, gpt, layouts
 from crate_jax.weights.importer import count, import_weights
 from crate_jax.weights.readers import WeightsError
 
@@ -42,8 +48,10 @@ def _sha256(path: Path) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m crate_jax.convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--format", required=True, choices=sorted(layouts.FORMATS) + [CLIPA_FORMAT],
-                    help=f"layout of the input file ({CLIPA_FORMAT}: a CLIPA two-tower big_vision checkpoint)")
+    ap.add_argument("--format", required=True,
+                    choices=sorted(layouts.FORMATS) + [CLIPA_FORMAT] + sorted(gpt.LM_FORMATS) + [crate_mae.FORMAT],
+                    help=f"layout of the input file ({CLIPA_FORMAT}: a CLIPA two-tower big_vision checkpoint; "
+                         f"{', '.join(sorted(gpt.LM_FORMATS))}: language models)")
     ap.add_argument("--input", required=True, help="weight file: .pth/.pt (needs torch), .npz or .safetensors")
     ap.add_argument("--output", required=True, help="bundle directory to create")
     ap.add_argument("--variant", help="size name such as B/16 (default: read from the shapes)")
@@ -77,6 +85,13 @@ def main(argv=None) -> int:
             cfg, params = clipa.import_clipa(args.input)
             what = (f"CLIPA two-tower: image {layouts.describe(cfg.image)}; text {cfg.text.variant} (width "
                     f"{cfg.text.width}, depth {cfg.text.depth}, {cfg.text.num_heads} heads, {cfg.text.max_len} tokens)")
+        elif args.format in gpt.LM_FORMATS:  # sizes from the shapes; heads from the size table or --heads
+            cfg, params = gpt.import_lm(args.format, args.input, heads=args.heads)
+            what = gpt.describe(cfg)
+        elif args.format == crate_mae.FORMAT:  # sizes from the shapes; heads from the preset table or --heads
+            cfg, params = crate_mae.import_crate_mae(args.input, **({"num_heads": args.heads} if args.heads else {}))
+            what = (f"CRATE-MAE {cfg.variant} (width {cfg.width}, depth {cfg.depth}, {cfg.num_heads} heads, patch "
+                    f"{cfg.patch_size}, {cfg.image_size} px)")
         else:
             cfg, params = import_weights(args.format, args.input, args.variant, **overrides)
             what = layouts.describe(cfg)

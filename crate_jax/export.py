@@ -3,9 +3,12 @@
     python -m crate_jax.export --checkpoint bundles/B16 --format crate-alpha-torch --output B16.safetensors
     python -m crate_jax.export --checkpoint bundles/T16 --format crate-torch --output T16.pth
     python -m crate_jax.export --checkpoint bundles/B16 --format crate-alpha-jax --output B16.npz
+    python -m crate_jax.export --checkpoint runs/crate_gpt --format crate-gpt-torch --output crate_gpt.pt
 
 Formats: `crate-alpha-torch` (torch_inference state_dict, SPEC §2.5), `crate-torch` (CRATE
-state_dict, SPEC §1.6), `crate-alpha-jax` (big_vision flat '/' names, SPEC §2.4). The file type
+state_dict, SPEC §1.6), `crate-alpha-jax` (big_vision flat '/' names, SPEC §2.4), and for language
+models `crate-gpt-torch` (CRATE-GPT, SPEC §5, with the tied `lm_head.weight` and the causal-mask buffers)
+and `gpt2-hf` (Hugging Face GPT-2, `crate_jax.weights.gpt`). The file type
 follows the output's extension: `.safetensors`, `.pth`/`.pt` (needs torch), `.npz` (bfloat16 is
 stored as 2-byte void, as big_vision does). Configs the official model cannot express are refused
 with the reason. Values are written bit for bit (transposes and reshapes only), so
@@ -18,17 +21,18 @@ import argparse
 import collections
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
 import ml_dtypes
 import numpy as np
 
+from crate_jax.checkpoint.files import atomic_file
 from crate_jax.checkpoint.bundle import MODEL_JSON, BundleError, load_bundle, load_config, params_dict, save_bundle
 from crate_jax.checkpoint.params import ParamsError, read_params
 from crate_jax.models import ConfigError, ModelConfig
-from crate_jax.weights import layouts
+from crate_jax.models.lm import LMConfig
+from crate_jax.weights import gpt, layouts
 from crate_jax.weights.readers import WeightsError, file_kind, import_torch, numpy_to_torch
 
 
@@ -64,6 +68,8 @@ def write_bundle(output: str | os.PathLike, cfg, params: dict, *, dtype: str | N
 def export_notes(fmt: str, cfg: ModelConfig) -> list[str]:
     """Differences the official model will show that the weights cannot carry (printed, not fatal)."""
     notes = []
+    if fmt in gpt.LM_FORMATS:
+        return notes
     official = layouts.FINAL_LN_EPS[fmt]
     if cfg.final_ln_eps != official:
         notes.append(f"the {fmt} model's final LayerNorm uses eps {official:g}, this checkpoint {cfg.final_ln_eps:g} "
@@ -77,6 +83,8 @@ def export_notes(fmt: str, cfg: ModelConfig) -> list[str]:
 def export_tensors(fmt: str, cfg: ModelConfig, params: dict, source: str = "the checkpoint") -> dict[str, np.ndarray]:
     """The flat official dict of `fmt` for `(cfg, params)`; a `WeightsError` says why a config
     cannot be expressed (e.g. sincos position embedding or no biases for the torch layouts)."""
+    if fmt in gpt.LM_FORMATS:  # language models (crate_jax.weights.gpt)
+        return gpt.from_params(fmt, params, cfg)
     layouts.check_format(fmt)
     problems = layouts.layout_problems(fmt, cfg)
     if problems:
@@ -92,22 +100,14 @@ def write_tensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], *, ov
     if path.exists() and not overwrite:
         raise WeightsError(f"{path} exists; choose another output or pass --overwrite")
     torch = import_torch(f"writing {path}") if kind == "torch" else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as f:
         if kind == "safetensors":
-            from safetensors.numpy import save_file
-            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
+            from safetensors.numpy import save
+            f.write(save({k: np.ascontiguousarray(v) for k, v in tensors.items()}))
         elif kind == "torch":
-            torch.save(collections.OrderedDict((k, numpy_to_torch(v)) for k, v in tensors.items()), tmp)
+            torch.save(collections.OrderedDict((k, numpy_to_torch(v)) for k, v in tensors.items()), f)
         else:
-            with open(tmp, "wb") as f:
-                np.savez(f, **{k: _void_bf16(v) for k, v in tensors.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            np.savez(f, **{k: _void_bf16(v) for k, v in tensors.items()})
     return path
 
 
@@ -121,7 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="bundle directory or training workdir")
     ap.add_argument("--step", type=int, default=None, help="training checkpoint step (default: the newest)")
-    ap.add_argument("--format", required=True, choices=["bundle"] + sorted(layouts.FORMATS),
+    ap.add_argument("--format", required=True, choices=["bundle"] + sorted(layouts.FORMATS) + sorted(gpt.LM_FORMATS),
                     help="'bundle': params-only Orbax + model.json directory; otherwise an official layout file")
     ap.add_argument("--output", required=True,
                     help="bundle: a new directory; official layouts: .safetensors, .pth/.pt (needs torch) or .npz")
@@ -149,8 +149,9 @@ def main(argv=None) -> int:
         return 2
     for note in export_notes(args.format, cfg):
         print(f"note: {note}", file=sys.stderr)
-    n = sum(v.size for v in tensors.values())
-    print(f"exported {layouts.describe(cfg)}\n  {len(tensors)} tensors, {n:,} parameters, "
+    n = sum(np.asarray(v).size for v in jax.tree.leaves(params))
+    what = gpt.describe(cfg) if isinstance(cfg, LMConfig) else layouts.describe(cfg)
+    print(f"exported {what}\n  {len(tensors)} tensors, {n:,} parameters, "
           f"{args.format} -> {args.output}")
     return 0
 
@@ -159,7 +160,8 @@ def _export_bundle(args) -> int:
     cfg, params = load_for_export(args.checkpoint, args.step)
     torch_fmt = None
     if args.torch_safetensors:
-        torch_fmt = {"crate": "crate-torch", "crate_alpha": "crate-alpha-torch"}.get(getattr(cfg, "model", None))
+        torch_fmt = (gpt.EXPORT_FORMAT.get(cfg.model) if isinstance(cfg, LMConfig) else
+                     {"crate": "crate-torch", "crate_alpha": "crate-alpha-torch"}.get(getattr(cfg, "model", None)))
         if torch_fmt is None:
             raise WeightsError(f"--torch-safetensors: there is no official torch layout for this model ({cfg!r:.80})")
         tensors = export_tensors(torch_fmt, cfg, params, source=args.checkpoint)  # refuse before writing anything

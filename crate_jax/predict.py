@@ -1,13 +1,22 @@
-"""Classify a normalised image array with a bundle.
+"""Classify a normalised image array with a bundle, or score a token array with a language-model bundle.
 
     python -m crate_jax.predict --checkpoint bundles/B16 --images images.npy --layout NCHW \\
         --output logits.npy [--batch-size 64] [--interpolate-posemb]
+    python -m crate_jax.predict --checkpoint bundles/crate_gpt --tokens tokens.npy --output logits.npy
+    python -m crate_jax.predict --checkpoint bundles/mae_T16 --images X.npy --layout NCHW --mask M.npy --output pred.npy
 
 `--images` is a float array `[B, C, H, W]` (NCHW) or `[B, H, W, C]` (NHWC), already normalised the
 way the model was trained (e.g. ImageNet mean/std). The output is float32 logits `[B, classes]`
 (pooled features `[B, d]` for a headless model). A resolution other than the bundle's is refused
 unless `--interpolate-posemb` is given: a learned position embedding is then resampled on its 2-D
 grid (SPEC §2.6, `crate_jax.models.posemb.resample_2d`) and a sincos table is regenerated.
+
+`--tokens` (language-model bundles, `crate_jax.models.lm`) is an integer array `[B, T]` with
+`T <= block_size` and ids below the vocabulary size; the output is float32 logits `[B, T, V]`.
+
+`--mask` (CRATE-MAE bundles, `crate_jax.models.mae`) is a bool array `[B, L]` (True = removed patch,
+L = number of patches); the output is the float32 per-patch predictions `[B, L, P²·C]`
+(`crate_jax.ssl.mae_inference`).
 """
 
 from __future__ import annotations
@@ -15,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -23,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from crate_jax.checkpoint.bundle import BundleError, load_bundle, params_dict
+from crate_jax.checkpoint.files import atomic_file
 from crate_jax.models import ConfigError, ImageClassifier, ModelConfig, build_model
 from crate_jax.models.posemb import resample_2d
 
@@ -71,10 +80,7 @@ def load_images(path: str | os.PathLike, layout: str, channels: int) -> np.ndarr
     Returned in its stored layout; `predict_logits` converts per batch."""
     if layout not in LAYOUTS:
         raise PredictError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    try:
-        images = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise PredictError(f"{path}: cannot read as a .npy array: {e}") from e
+    images = read_npy(path, "images")
     if images.ndim != 4:
         raise PredictError(f"{path}: expected a 4-D {layout} array, got shape {images.shape}")
     if not np.issubdtype(images.dtype, np.floating):
@@ -84,7 +90,40 @@ def load_images(path: str | os.PathLike, layout: str, channels: int) -> np.ndarr
     if c != channels:
         raise PredictError(f"{path}: shape {images.shape} read as {layout} has {c} channels, the model takes "
                            f"{channels}; check --layout")
+    if images.shape[0] == 0:
+        raise PredictError(f"{path}: holds no images (shape {images.shape})")
+    check_finite_rows(images, path)
     return images
+
+
+def read_npy(path: str | os.PathLike, what: str) -> np.ndarray:
+    """A `.npy` array, memory-mapped, with errors that say what the file is instead."""
+    path = Path(path)
+    if not path.is_file():
+        raise PredictError(f"{path}: no such file (expected a .npy array of {what})")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head[:4] == b"PK\x03\x04":
+        raise PredictError(f"{path} is a .npz (zip) archive; --{what} takes one .npy array (np.save, not np.savez)")
+    if head != b"\x93NUMPY":
+        raise PredictError(f"{path} is not a .npy file (no NumPy header); save the {what} with np.save")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise PredictError(f"{path}: cannot read the .npy array: {e}") from e
+
+
+def check_finite_rows(array: np.ndarray, path, chunk: int = 256) -> None:
+    """Every row of a (possibly memory-mapped) float array is finite, else a `PredictError` naming rows."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    bad = []
+    for s in range(0, array.shape[0], chunk):
+        rows = np.asarray(array[s:s + chunk]).reshape(min(chunk, array.shape[0] - s), -1)
+        bad += list(s + np.flatnonzero(~np.isfinite(rows).all(axis=1)))
+    if bad:
+        raise PredictError(f"{path}: {len(bad)} of {array.shape[0]} rows hold NaN or inf (rows "
+                           f"{[int(b) for b in bad[:10]]}{' ...' if len(bad) > 10 else ''}); fix the input")
 
 
 def image_size_of(images: np.ndarray, layout: str, path="images") -> int:
@@ -119,24 +158,18 @@ def predict_logits(model: ImageClassifier, images: np.ndarray, *, layout: str = 
 
 
 def save_array(path: str | os.PathLike, array: np.ndarray) -> None:
-    """`np.save` to `path` atomically (a temporary sibling renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`np.save` to `path` atomically (a temporary sibling renamed into place), readable by others."""
+    with atomic_file(path) as f:
+        np.save(f, array)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m crate_jax.predict", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="bundle directory (from crate_jax.convert or export)")
-    ap.add_argument("--images", required=True, help=".npy float array of normalised images")
-    ap.add_argument("--layout", required=True, choices=LAYOUTS, help="axis order of --images")
+    ap.add_argument("--images", help=".npy float array of normalised images (image classifiers)")
+    ap.add_argument("--layout", choices=LAYOUTS, help="axis order of --images")
+    ap.add_argument("--tokens", help=".npy int array of token ids [B, T] (language models)")
+    ap.add_argument("--mask", help=".npy bool array [B, L], True = removed patch (CRATE-MAE bundles)")
     ap.add_argument("--output", required=True, help=".npy file for the float32 logits [B, classes]")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--interpolate-posemb", action="store_true",
@@ -146,18 +179,86 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if (args.images is None) == (args.tokens is None):
+        print("error: pass --images (image classifiers) or --tokens (language models), not both", file=sys.stderr)
+        return 2
+    if args.images is not None and args.layout is None:
+        print("error: --images needs --layout NCHW or NHWC", file=sys.stderr)
+        return 2
     try:
         cfg, model = load_bundle(args.checkpoint)
+        if args.tokens is not None:
+            return _predict_tokens(args, cfg, model)
+        from crate_jax.models.mae import MAEConfig
+        if isinstance(cfg, MAEConfig) or args.mask is not None:
+            return _predict_mae(args, cfg, model, MAEConfig)
+        if not isinstance(cfg, ModelConfig):
+            raise PredictError(f"{args.checkpoint} holds a {type(cfg).__name__} (bundle kind "
+                               f"{type(cfg).kind!r}); --images classifies with an image-classifier bundle")
         images = load_images(args.images, args.layout, cfg.channels)
         size = image_size_of(images, args.layout, args.images)
         cfg, model = at_resolution(cfg, model, size, interpolate=args.interpolate_posemb,
                                    source=f"checkpoint {args.checkpoint}")
         logits = predict_logits(model, images, layout=args.layout, batch_size=args.batch_size)
+        bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
+        if bad.size:  # finite inputs and parameters, non-finite outputs: overflow in the model's dtype
+            raise PredictError(f"the model gave NaN or inf for {bad.size} of {len(logits)} images (rows "
+                               f"{bad[:10].tolist()}); nothing written. With a bfloat16/float16 bundle, export it "
+                               f"in float32 (export --dtype float32)")
         save_array(args.output, logits)
     except (PredictError, BundleError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{cfg.model} {cfg.variant} at {cfg.image_size} px: logits {list(logits.shape)} -> {args.output}")
+    return 0
+
+
+def _predict_mae(args, cfg, model, mae_config_cls) -> int:
+    """`--mask`: a CRATE-MAE bundle's per-patch predictions `[B, L, P²·C]`, written only if all are finite."""
+    from crate_jax.ssl.mae_inference import MaskError, check_mask, predict_patches
+    try:
+        if not isinstance(cfg, mae_config_cls):
+            raise PredictError(f"--mask needs a CRATE-MAE bundle (kind 'crate_mae'); {args.checkpoint} holds a "
+                               f"{type(cfg).__name__} (kind {type(cfg).kind!r})")
+        if args.mask is None:
+            raise PredictError(f"{args.checkpoint} is a CRATE-MAE bundle: pass --mask M.npy, a bool array [B, "
+                               f"{cfg.num_patches}] with True for each removed patch (all False: none removed)")
+        images = load_images(args.images, args.layout, cfg.channels)
+        size = image_size_of(images, args.layout, args.images)
+        if size != cfg.image_size:
+            raise PredictError(f"images are {size}x{size} px but the CRATE-MAE bundle takes {cfg.image_size}x"
+                               f"{cfg.image_size} px (its sincos tables are fixed to that grid); resize the images")
+        mask = check_mask(read_npy(args.mask, "mask"), images.shape[0], cfg.num_patches, args.mask)
+        pred = predict_patches(model, images, mask, layout=args.layout, batch_size=args.batch_size)
+        if not np.isfinite(pred).all():
+            raise PredictError("the model gave NaN or inf predictions; nothing written. With a bfloat16/float16 "
+                               "bundle, export it in float32 (export --dtype float32)")
+        save_array(args.output, pred)
+    except (PredictError, MaskError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"CRATE-MAE {cfg.variant} at {cfg.image_size} px: predictions {list(pred.shape)} -> {args.output}")
+    return 0
+
+
+def _predict_tokens(args, cfg, model) -> int:
+    """`--tokens`: float32 logits `[B, T, V]` of a language-model bundle, written only if all are finite."""
+    from crate_jax.lm.inference import TokenInputError, check_tokens, lm_logits, read_token_array
+    from crate_jax.models.lm import LMConfig
+    try:
+        if not isinstance(cfg, LMConfig):
+            raise PredictError(f"{args.checkpoint} holds a {type(cfg).__name__} (bundle kind {type(cfg).kind!r}); "
+                               f"--tokens needs a language-model bundle (kind 'lm'); use --images for classifiers")
+        tokens = check_tokens(read_token_array(args.tokens), cfg, args.tokens)
+        logits = lm_logits(model, tokens, batch_size=args.batch_size)
+        if not np.isfinite(logits).all():
+            raise PredictError("the model gave NaN or inf logits; nothing written. With a bfloat16/float16 bundle, "
+                               "export it in float32 (export --dtype float32)")
+        save_array(args.output, logits)
+    except (PredictError, TokenInputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{cfg.model} {cfg.variant}: logits {list(logits.shape)} -> {args.output}")
     return 0
 
 

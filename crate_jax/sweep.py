@@ -138,25 +138,20 @@ def expand(config: str, grid: list[tuple[str, list[str]]], overrides: list[str] 
 
 def load_config(spec: str, overrides=()):
     """The ConfigDict that `python -m crate_jax.train --config SPEC OVERRIDES` would train."""
-    from absl import flags
-    from ml_collections import config_flags
-    argv = ["crate_jax.sweep", "--config", spec, *overrides]
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "configs/FILE.py:ARGS", flag_values=fv, lock_config=False,
-                                    sys_argv=argv)  # which --config.KEY overrides exist is read from argv
-    fv(argv)
-    return fv.config
+    from crate_jax.train import config_cli
+    return config_cli.load_with_overrides(spec, list(overrides))
 
 
 def check_points(points: list[Point]) -> None:
-    """Loads every point's config so a bad argument or key fails before the first run starts."""
+    """Loads every point's config and builds its task (model config, data config; no devices, no data
+    read beyond a class count), so a bad argument or key fails before the first run starts."""
+    from crate_jax.train.setup import make_task
     for p in points:
         try:
-            load_config(p.config, p.overrides)
-        except Exception as e:  # noqa: BLE001 - absl / ml_collections / the config file raise many kinds
-            last = (str(e).strip().splitlines() or [""])[-1]  # absl embeds the config file's traceback
+            make_task(load_config(p.config, p.overrides))
+        except ValueError as e:  # ConfigError: names the file or key
             raise SweepError(f"grid point {p.name}: --config {p.config} {' '.join(p.overrides)} does not load: "
-                             f"{type(e).__name__}: {last}") from e
+                             f"{type(e).__name__}: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------ run

@@ -244,7 +244,7 @@ def test_all_bad_images_stop_with_an_error(tmp_path):
     cfg.update(dict(source="folder", data_dir=str(tmp_path), max_consecutive_bad=10, num_threads=0))
     it = loader.make_train_iterator(cfg, batch_size=2, image_size=16, seed=0)
     with pytest.raises(RuntimeError, match=r"10 images in a row failed to decode \(last: \S*x.\d\.jpg: .*\)\. "
-                                           r"This is a broken data set .* raise cfg\.data\.max_consecutive_bad"):
+                                           r"This is a broken data set .* raise config\.data\.max_consecutive_bad"):
         next(it)
 
 
@@ -336,11 +336,11 @@ def test_tfds_dataset_prepared_in_data_dir(decoder, prepared_tfds_dir, caplog):
 
 
 def test_config_errors_are_actionable(tmp_path, prepared_tfds_dir):
-    with pytest.raises(ValueError, match=r"cfg.data.source='lmdb'.*digits"):
+    with pytest.raises(ValueError, match=r"config.data.source='lmdb'.*digits"):
         loader.num_classes(_digits_cfg(source="lmdb"))
-    with pytest.raises(ValueError, match=r"unknown cfg.data keys \['shufle_buffer'\]"):
+    with pytest.raises(ValueError, match=r"unknown config.data keys \['shufle_buffer'\]"):
         loader.num_classes(_digits_cfg(shufle_buffer=10))
-    with pytest.raises(ValueError, match=r"cfg.data.randaug"):
+    with pytest.raises(ValueError, match=r"config.data.randaug"):
         loader.num_classes(_digits_cfg(randaug=(2, 15)))
     with pytest.raises(ValueError, match="digits split 'validation'"):
         loader.num_examples(_digits_cfg(), "validation")
@@ -366,7 +366,7 @@ def test_config_errors_are_actionable(tmp_path, prepared_tfds_dir):
     with pytest.raises(ValueError, match=r"'imagenet2012' is not prepared in data_dir '.*tfds_empty'.*array_record"):
         loader.num_classes(tfds_cfg)
     tfds_cfg.update(dict(name="crate_tiny_imagenet21k", data_dir=prepared_tfds_dir))
-    with pytest.raises(ValueError, match=r"cfg.data.eval_split='test'.*Unknown split"):
+    with pytest.raises(ValueError, match=r"config.data.eval_split='test'.*Unknown split"):
         loader.make_eval_iterator(tfds_cfg, split="test", batch_size=2, image_size=8)
     with pytest.raises(ValueError, match="label_key='class'"):
         loader.num_classes(dict(tfds_cfg.items(), label_key="class"))

@@ -43,8 +43,8 @@ def test_scaling_config_real_and_digits_modes():
 
 
 def test_grid_expands_to_the_cartesian_product_of_config_args_and_overrides():
-    grid = sweep.parse_grid(["variant=Ti/16,S/16", "patch=32,16,8", "config.optim.lr=1e-3"])
-    assert grid == [("variant", ["Ti/16", "S/16"]), ("patch", ["32", "16", "8"]), ("optim.lr", ["1e-3"])]
+    grid = sweep.parse_grid(["variant=Ti/16,S/16", "patch=8,16,2", "config.optim.lr=1e-3"])
+    assert grid == [("variant", ["Ti/16", "S/16"]), ("patch", ["8", "16", "2"]), ("optim.lr", ["1e-3"])]
     points = sweep.expand("configs/scaling.py:mode=digits,patch=4", grid, ["--config.seed=3"])
     assert len(points) == 6
     p = points[1]
@@ -52,7 +52,10 @@ def test_grid_expands_to_the_cartesian_product_of_config_args_and_overrides():
     assert p.config == "configs/scaling.py:mode=digits,patch=16,variant=Ti/16"  # patch=4 replaced
     assert p.overrides == ("--config.seed=3", "--config.optim.lr=1e-3")
     assert len({q.name for q in points}) == 6
-    sweep.check_points(points)  # every point loads as a real config
+    sweep.check_points(points)  # every point loads as a real config and builds its model config
+    bad = sweep.expand("configs/scaling.py:mode=digits", sweep.parse_grid(["patch=32"]))  # 16 px digits
+    with pytest.raises(sweep.SweepError, match="patch_32.*not divisible by patch size 32"):
+        sweep.check_points(bad)
 
 
 @pytest.mark.parametrize("items, msg", [

@@ -115,3 +115,19 @@ def test_vocab_command_trains_on_a_caption_file(tmp_path, capsys):
     assert 100 not in tok(["a red triangle at the left."])[0]
     with pytest.raises(FileNotFoundError, match="nothing.txt not found; expected a UTF-8 text file"):
         T.build_vocab_file(tmp_path / "nothing.txt", tmp_path / "v.txt", 300)
+
+
+def test_build_vocab_is_the_same_on_every_run(tmp_path):
+    """The demos' scores depend on the vocab: it must not change between runs on the same corpus (HF's
+    WordPiece trainer breaks ties in hash order and does)."""
+    import random
+    rng = random.Random(0)
+    words = ["red", "green", "blue", "circle", "square", "triangle", "large", "small", "top", "left", "photo"]
+    captions = [" ".join(rng.choice(words) for _ in range(6)) for _ in range(200)]
+    build_vocab(captions, tmp_path / "a.txt", vocab_size=300)
+    build_vocab(captions, tmp_path / "b.txt", vocab_size=300)
+    assert (tmp_path / "a.txt").read_bytes() == (tmp_path / "b.txt").read_bytes()
+    lines = (tmp_path / "a.txt").read_text(encoding="utf-8").splitlines()
+    assert set(words) <= set(lines) and "##e" in lines
+    with pytest.raises(ValueError, match="too small"):
+        build_vocab(captions, tmp_path / "c.txt", vocab_size=106)

@@ -6,7 +6,8 @@ the evaluation transform without the 0.875 crop by default: resize the short sid
 `S / crop_fraction` (bicubic), centre-crop `S × S`, scale to [0, 1], subtract the ImageNet mean and
 divide by its std (SPEC §2.2).
 
-The bundled sets are photos that ship inside scikit-image (`skimage.data`), so the analysis runs
+The bundled sets are photos that ship inside scikit-image (`skimage.data`) and the held-out split of
+scikit-learn's digits (`digits-test`, the split `configs/digits.py` evaluates on), so the analysis runs
 offline.
 """
 
@@ -28,6 +29,9 @@ SAMPLE_SETS: dict[str, tuple[str, ...]] = {
                 "immunohistochemistry"),
     "skimage-objects": ("astronaut", "cat", "coffee", "rocket"),
 }
+# name -> (classification source, split): real datasets bundled with a package.
+DATASET_SETS: dict[str, tuple[str, str]] = {"digits-test": ("digits", "test")}
+SAMPLE_SETS.update({k: () for k in DATASET_SETS})
 
 
 class ImageSourceError(ValueError):
@@ -100,6 +104,12 @@ def sample_names(name: str) -> tuple[str, ...]:
 
 
 def _load_sample_set(name: str) -> list[tuple[str, np.ndarray]]:
+    if name in DATASET_SETS:  # e.g. the digits test split (stratified, split seed 0, as configs/digits.py)
+        from crate_jax.data.classification import DigitsSource
+        source, split = DATASET_SETS[name]
+        src = DigitsSource(split)
+        return [(f"{name}_{i:04d}_label{int(src[i]['label'])}", to_rgb_uint8(src[i]["image"], f"{name}[{i}]"))
+                for i in range(len(src))]
     import skimage.data
 
     out = []

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from crate_jax.checkpoint.files import atomic_dir
 from crate_jax.models import registry
 
 MODEL_JSON = "model.json"
@@ -48,21 +47,28 @@ def save_bundle(directory: str | os.PathLike, cfg, params: dict, *, source: str 
         if not overwrite:
             raise BundleError(f"output directory {directory} exists and is not empty; choose a new directory "
                               f"or pass overwrite=True (--overwrite)")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        meta = {"kind": registry.kind_of(cfg), "config": cfg.to_dict(), "source": source, **(extra or {})}
+    bad = nonfinite_leaves(params)
+    if bad:
+        raise BundleError(f"refusing to write {directory}: {len(bad)} parameter arrays hold NaN or inf "
+                          f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
+    meta = {"kind": registry.kind_of(cfg), "config": cfg.to_dict(), "source": source, **(extra or {})}
+    with atomic_dir(directory) as tmp:  # a failure leaves no half-written bundle; the result is shareable
         (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
             ckptr.wait_until_finished()
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
+
+
+def nonfinite_leaves(params) -> list[str]:
+    """'/'-joined paths of the floating-point arrays of `params` holding NaN or inf."""
+    out = []
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        a = np.asarray(x)
+        if (np.issubdtype(a.dtype, np.floating) or a.dtype.kind == "V" or str(a.dtype) == "bfloat16") and \
+                not np.all(np.isfinite(a.astype(np.float32))):
+            out.append("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path))
+    return out
 
 
 def read_meta(directory: str | os.PathLike) -> dict:
@@ -88,10 +94,13 @@ def load_config(directory):
         raise BundleError(f"{directory}/{MODEL_JSON}: the stored config does not build: {e}") from e
 
 
-def load_bundle(directory: str | os.PathLike, *, cfg=None, shardings: Callable[[nnx.State], Any] | None = None):
+def load_bundle(directory: str | os.PathLike, *, cfg=None, shardings: Callable[[nnx.State], Any] | None = None,
+                allow_nonfinite: bool = False):
     """Returns `(cfg, model)`. `cfg` may override non-structural fields (dtype, scan, remat, attention);
     `shardings(abstract_param_state)` may return a matching tree of `jax.sharding.Sharding` to restore
-    onto a mesh (default: the default device)."""
+    onto a mesh (default: the default device). Parameters holding NaN or inf are refused (a
+    `BundleError` naming them) unless `allow_nonfinite`. Non-parameter variables (fixed tables) are
+    not stored in a bundle: they are rebuilt from the config."""
     directory = Path(directory)
     stored = load_config(directory)
     cfg = cfg or stored
@@ -111,9 +120,28 @@ def load_bundle(directory: str | os.PathLike, *, cfg=None, shardings: Callable[[
             restored = ckptr.restore(ppath, target)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise BundleError(f"{ppath}: parameters do not match the model in {MODEL_JSON}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - tensorstore raises its own kinds for damaged files
+        raise BundleError(f"{ppath}: the parameters cannot be read ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}); the bundle is damaged "
+                          f"or incomplete") from e
+    bad = [] if allow_nonfinite else nonfinite_leaves(restored)
+    if bad:
+        raise BundleError(f"{directory}: {len(bad)} parameter arrays hold NaN or inf ({', '.join(bad[:5])}"
+                          f"{', ...' if len(bad) > 5 else ''}); this model cannot give meaningful outputs")
     nnx.replace_by_pure_dict(param_state, restored)
+    if jax.tree.leaves(rest):
+        nnx.replace_by_pure_dict(rest, fixed_variables(cfg))
     model = nnx.merge(graphdef, param_state, rest)
     return cfg, model
+
+
+def fixed_variables(cfg) -> dict:
+    """The model's non-parameter variables (e.g. fixed position tables), computed from its config: the
+    parameter initialisers are dead code under jit and cost nothing."""
+    def build():
+        _, _, rest = nnx.split(registry.build(cfg, 0), nnx.Param, ...)
+        return nnx.to_pure_dict(rest)
+    return jax.jit(build)()
 
 
 def to_numpy_tree(params: dict) -> dict:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from crate_jax.checkpoint.bundle import MODEL_JSON, PARAMS_DIR
+from crate_jax.checkpoint.bundle import MODEL_JSON, PARAMS_DIR, nonfinite_leaves
 from crate_jax.checkpoint.training import as_path, committed_steps
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,21 @@ def checkpoint_dir(path) -> Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def read_params(path: str | Path, step: int | None = None, *, subtree: str = "params") -> dict:
+def read_params(path: str | Path, step: int | None = None, *, subtree: str = "params",
+                allow_nonfinite: bool = False) -> dict:
     """Parameters (nested dict of numpy arrays) from a bundle directory, a training workdir (its newest
     committed step, or `step`), or a workdir's `checkpoints/<step>` directory. `subtree` picks another
-    part of a training state (e.g. `'extras'`, whose `teacher` holds an EMA teacher's parameters)."""
+    part of a training state (e.g. `'extras'`, whose `teacher` holds an EMA teacher's parameters).
+    Arrays holding NaN or inf are refused (`ParamsError` naming them) unless `allow_nonfinite`."""
+    tree = _read(path, step, subtree)
+    bad = [] if allow_nonfinite else nonfinite_leaves(tree)
+    if bad:
+        raise ParamsError(f"{path}: {len(bad)} arrays hold NaN or inf ({', '.join(bad[:5])}"
+                          f"{', ...' if len(bad) > 5 else ''}); refusing to use them")
+    return tree
+
+
+def _read(path, step, subtree) -> dict:
     path = as_path(path)
     if (path / PARAMS_DIR).is_dir() and (path / MODEL_JSON).is_file():
         if subtree != "params":
@@ -60,15 +71,38 @@ def read_params(path: str | Path, step: int | None = None, *, subtree: str = "pa
 
 
 def _restore(target: Path, key: str | None, shown: Path) -> dict:
+    """Reads `target` (an Orbax PyTree directory), only its `key` subtree when given, onto this process's
+    first device: a checkpoint written on another number of devices or hosts reads back the same."""
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            tree = ckptr.restore(target)
+            meta = ckptr.metadata(target)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
     except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many kinds; all mean "unreadable"
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ParamsError(f"{shown}: the checkpoint cannot be read ({type(e).__name__}: {first}); it is damaged or "
-                          f"incomplete") from e
+        raise ParamsError(f"{shown}: the checkpoint cannot be read ({_first(e)}); it is damaged or incomplete") from e
+    if not isinstance(tree, dict):
+        raise ParamsError(f"{shown}: the checkpoint cannot be read (its array metadata is unreadable); it is damaged "
+                          f"or incomplete")
     if key is not None:
-        if not isinstance(tree, dict) or key not in tree:
+        if key not in tree:
             raise ParamsError(f"{shown}: the training state has no {key!r} (it holds {sorted(tree)})")
-        tree = tree[key]
-    return jax.tree.map(np.asarray, tree)
+        tree = {key: tree[key]}
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    is_array = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree,
+                            is_leaf=is_array)
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            out = ckptr.restore(target, args=ocp.args.PyTreeRestore(
+                item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                partial_restore=key is not None))
+    except Exception as e:  # noqa: BLE001
+        raise ParamsError(f"{shown}: the checkpoint cannot be read ({_first(e)}); it is damaged or incomplete") from e
+    if key is not None:
+        out = out[key]
+    return jax.tree.map(np.asarray, out)
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__

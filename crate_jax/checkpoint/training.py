@@ -204,6 +204,10 @@ class TrainCheckpointer:
                 f"or task config change? Use a new workdir, or restore the config that wrote it (its config.json). "
                 f"Nothing in the workdir was changed.")
 
+    def set_aside(self, step: int, reason: str) -> str:
+        """Moves step `step` out of the checkpoint directory (see the module docstring), saying why."""
+        return self._set_aside(step, reason)
+
     def _set_aside(self, step: int, reason: str) -> str:
         src = self.directory / str(step)
         if jax.process_index() == 0:
@@ -216,9 +220,9 @@ class TrainCheckpointer:
                 n += 1
             src.rename(dest)
             (dest / "REASON.txt").write_text(f"checkpoint step {step} {reason}\n")
-            log.warning("checkpoint step %d in %s %s; set aside to %s (nothing deleted), trying an older step",
-                        step, self.directory, reason, dest)
-            print(f"warning: checkpoint step {step} {reason}; set aside to {dest}; trying an older step", flush=True)
+            log.warning("checkpoint step %d in %s %s; set aside to %s (nothing deleted)", step, self.directory,
+                        reason, dest)
+            print(f"warning: checkpoint step {step} {reason}; set aside to {dest} (nothing deleted)", flush=True)
         _barrier(f"set_aside_{step}")
         self.manager.reload()
         return str(step)

@@ -38,8 +38,11 @@ from crate_jax.models.two_tower import TwoTowerConfig, build_two_tower, two_towe
 from crate_jax.train import metrics as M
 from crate_jax.train.optim import path_str
 from crate_jax.train.task import TaskBase
+from crate_jax.train.validate import known_keys, need_choice, need_int, need_number
 
 DATA_SOURCES = ("shards", "tfds")
+DATA_KEYS = ("source", "shards", "tfds_dir", "tfds_split", "vocab", "shuffle_buffer", "cycle_length", "area_min",
+             "area_max", "num_threads", "prefetch", "fast_decode")
 
 
 def two_tower_config_from(config: ConfigDict) -> TwoTowerConfig:
@@ -76,7 +79,16 @@ class ClipTask(TaskBase):
 
     def __init__(self, config: ConfigDict):
         super().__init__(config)
-        self.model_cfg = two_tower_config_from(config)
+        need_int(config, "res", 1, what=" (the image size in pixels)")
+        need_int(config, "txt_len", 1, what=" (caption length in tokens)")
+        try:
+            self.model_cfg = two_tower_config_from(config)
+        except ConfigError as e:
+            raise ConfigError(f"config.model (image size config.res = {config.res}, text length config.txt_len = "
+                              f"{config.txt_len}): {e}") from None
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"config.model: expected image = dict(name, variant, ...), text = dict(variant, ...): "
+                              f"{type(e).__name__}: {e}") from None
         if not config.get("total_steps"):
             raise ConfigError("config.total_steps must be set for CLIP training (steps=N in configs/clipa.py)")
         self.mesh = None  # set by validate(); the loss computes each device's rows on it
@@ -101,9 +113,23 @@ class ClipTask(TaskBase):
 
     def validate(self, mesh) -> None:
         self.mesh = mesh
-        data = self.config.data
-        if data.source not in DATA_SOURCES:
-            raise ConfigError(f"config.data.source: got {data.source!r}, expected one of {DATA_SOURCES}")
+        c, data = self.config, self.config.data
+        known_keys(data, "data", DATA_KEYS)
+        need_choice(c, "data.source", DATA_SOURCES)
+        need_int(c, "data.shuffle_buffer", 1, optional=True)
+        need_int(c, "data.cycle_length", 1, optional=True)
+        need_int(c, "data.num_threads", 1, optional=True)
+        need_int(c, "data.prefetch", 0, optional=True)
+        need_number(c, "data.area_min", lo=0, hi=100, lo_open=True, optional=True, what=" (percent of the image)")
+        need_number(c, "data.area_max", lo=float(data.get("area_min", 40.0) or 0), hi=100, optional=True,
+                    what=" (percent, >= data.area_min)")
+        if data.source == "shards" and not data.get("shards"):
+            raise ConfigError("config.data.shards is empty: pass shards=PATTERN, e.g. "
+                              "'gs://bucket/datacomp/{00000..12799}.tar'")
+        if data.source == "tfds" and not data.get("tfds_dir"):
+            raise ConfigError("config.data.tfds_dir is empty: pass tfds=DIR, the TFDS builder directory "
+                              "(with dataset_info.json) holding 'jpg' and 'txt' features")
+        self.tokenizer  # the vocab file exists and fits the text embedding
         init = self.config.get("init", None)
         if (not init or not init.get("checkpoint")) and self.text_frozen:
             raise ConfigError("the text tower is frozen (config.optim.freeze) but config.init.checkpoint is "
@@ -177,17 +203,11 @@ class ClipTask(TaskBase):
                       process_count=process_count, area_min=float(d.get("area_min", 40.0)),
                       area_max=float(d.get("area_max", 100.0)), num_threads=d.get("num_threads") or None,
                       prefetch=int(d.get("prefetch", 2)), fast_decode=bool(d.get("fast_decode", False)))
-        if d.source == "shards":
+        if d.source == "shards":  # validate() checked that the pattern / directory is set
             from crate_jax.data import shard_train
-            if not d.get("shards"):
-                raise ConfigError("config.data.shards is empty: pass shards=PATTERN, e.g. "
-                                  "'gs://bucket/datacomp/{00000..12799}.tar'")
             return shard_train.make_train_iterator(d.shards, shuffle_buffer=int(d.get("shuffle_buffer", 10_000)),
                                                    cycle_length=int(d.get("cycle_length", 4)), **common)
         from crate_jax.data import tfds_captions
-        if not d.get("tfds_dir"):
-            raise ConfigError("config.data.tfds_dir is empty: pass tfds=DIR, the TFDS builder directory "
-                              "(with dataset_info.json) holding 'jpg' and 'txt' features")
         return tfds_captions.make_train_iterator(d.tfds_dir, split=d.get("tfds_split", "train"), **common)
 
     def init_params(self, fresh: dict) -> dict:

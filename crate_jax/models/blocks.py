@@ -26,16 +26,21 @@ def _keys(key, n):
 
 
 class CrateBlock(nnx.Module):
-    """`z = x + MSSA(LN1(x))`, then `x_next = ISTA(LN2(z))` – no residual around ISTA (SPEC §1.2)."""
+    """`z = x + MSSA(LN1(x))`, then `x_next = ISTA(LN2(z))` – no residual around ISTA (SPEC §1.2).
 
-    def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs):
+    `inits` may replace the MSSA initialisers (`proj`, `out`, `out_bias`); the default is torch's
+    nn.Linear init of the image model (SPEC §1.4). CRATE-GPT passes its nanoGPT-style init (SPEC §5).
+    """
+
+    def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs, inits: dict | None = None):
         dt = _dtypes(cfg)
         d = cfg.width
         torch_linear = L.uniform(1.0 / math.sqrt(d))  # torch nn.Linear default init, fan_in = d (= K·p)
+        inits = dict(dict(proj=torch_linear, out=torch_linear, out_bias=torch_linear), **(inits or {}))
         self.dropout = cfg.dropout
         self.ln1 = L.LayerNorm(d, eps=cfg.ln_eps, rngs=rngs, **dt)
         self.mssa = L.MSSA(d, cfg.num_heads, out_bias=cfg.attn_out_bias, causal=cfg.causal, attention=cfg.attention,
-                           rngs=rngs, proj_init=torch_linear, out_init=torch_linear, out_bias_init=torch_linear,
+                           rngs=rngs, proj_init=inits["proj"], out_init=inits["out"], out_bias_init=inits["out_bias"],
                            **dt)
         self.ln2 = L.LayerNorm(d, eps=cfg.ln_eps, rngs=rngs, **dt)
         self.ista = L.ISTA(d, eta=cfg.eta, lmbda=cfg.lmbda, rngs=rngs, **dt)

@@ -16,6 +16,9 @@ from flax import nnx
 
 from crate_jax.models.classifier import build_model
 from crate_jax.models.config import ConfigError, ModelConfig
+from crate_jax.models.lm import LMConfig, build_lm
+from crate_jax.models.mae import MAEConfig, build_mae
+from crate_jax.models.self_distill import SelfDistillConfig, build_self_distill
 from crate_jax.models.two_tower import TwoTowerConfig, build_two_tower
 
 
@@ -31,6 +34,9 @@ class Kind:
 KINDS: dict[str, Kind] = {
     ModelConfig.kind: Kind(ModelConfig, build_model),
     TwoTowerConfig.kind: Kind(TwoTowerConfig, build_two_tower),
+    LMConfig.kind: Kind(LMConfig, build_lm),
+    MAEConfig.kind: Kind(MAEConfig, build_mae),
+    SelfDistillConfig.kind: Kind(SelfDistillConfig, build_self_distill),
 }
 
 

@@ -11,8 +11,9 @@ keeps the first ``L - 1`` word pieces, prepends ``[CLS]`` (id 101 in the BERT vo
 * WordPiece with ``[UNK]`` for words that cannot be covered, at most 100 characters per word.
 
 The vocab is a BERT ``vocab.txt``: one token per line, the id is the 0-based line number.
-:func:`build_vocab` trains such a file on captions, with the BERT id layout for the special tokens;
-from a caption file (one per line), also on the command line:
+:func:`build_vocab` writes such a file from captions (deterministically: characters, then whole words
+by count), with the BERT id layout for the special tokens; from a caption file (one per line), also on
+the command line:
 
     python -m crate_jax.text.tokenizer --corpus captions.txt --out vocab.txt [--size 32000]
 """
@@ -25,7 +26,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers import models, normalizers, pre_tokenizers, trainers
+from tokenizers import models, normalizers, pre_tokenizers
 
 PAD_ID = 0
 UNK_TOKEN = "[UNK]"
@@ -131,35 +132,43 @@ class Tokenizer:
 def build_vocab(
     captions: Iterable[str], out_path: str | os.PathLike, vocab_size: int, min_frequency: int = 1
 ) -> int:
-    """Trains a WordPiece vocab on ``captions`` and writes it in BERT's ``vocab.txt`` layout.
+    """Builds a vocab from ``captions`` and writes it in BERT's ``vocab.txt`` layout, deterministically.
 
     Ids: 0 ``[PAD]``, 1..99 ``[unused0..98]``, 100 ``[UNK]``, 101 ``[CLS]``, 102 ``[SEP]``,
-    103 ``[MASK]``, then the learned pieces (alphabet, ``##`` continuations, merged words). The
-    normalisation and pre-tokenisation are those of :class:`Tokenizer`, so the pieces match what it
-    will look up. ``vocab_size`` counts the 104 special entries; the trainer may stop short of it on a
-    small corpus. Returns the number of entries written.
+    103 ``[MASK]``; then every character that starts a word and every ``##``-continuation character
+    (so any word made of seen characters can be spelled), then whole words by decreasing count (ties in
+    alphabetical order) while they fit in ``vocab_size`` and occur at least ``min_frequency`` times. The
+    normalisation and pre-tokenisation are those of :class:`Tokenizer`, so the pieces match what it will
+    look up. Returns the number of entries written (fewer than ``vocab_size`` on a small corpus).
+
+    This is not the WordPiece merge trainer: HF's trainer returns a different vocab on every run for
+    the same corpus (its merges break frequency ties in hash order), which made the demos'
+    scores unreproducible. Whole words plus characters is what a greedy longest-match WordPiece
+    tokenizer needs, and is the same on every run.
     """
     if vocab_size <= len(BERT_SPECIAL_TOKENS):
         raise ValueError(
             f"vocab_size must exceed the {len(BERT_SPECIAL_TOKENS)} BERT special entries, got {vocab_size}"
         )
-    hf = _HFTokenizer(models.WordPiece(unk_token=UNK_TOKEN, max_input_chars_per_word=MAX_CHARS_PER_WORD))
-    hf.normalizer = _normalizer()
-    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=BERT_SPECIAL_TOKENS,
-        continuing_subword_prefix="##",
-        show_progress=False,
-    )
-    hf.train_from_iterator((_as_str(c) for c in captions), trainer)
-    by_id = sorted(hf.get_vocab().items(), key=lambda kv: kv[1])
-    tokens = [t for t, _ in by_id]
-    if [i for _, i in by_id] != list(range(len(by_id))):
-        raise RuntimeError("WordPiece trainer returned non-contiguous ids; cannot write vocab.txt")
-    if tokens[: len(BERT_SPECIAL_TOKENS)] != BERT_SPECIAL_TOKENS:
-        raise RuntimeError("WordPiece trainer did not place the BERT special tokens at ids 0..103")
+    import collections
+    norm, pre = _normalizer(), pre_tokenizers.BertPreTokenizer()
+    counts: collections.Counter = collections.Counter()
+    for caption in captions:
+        text = norm.normalize_str(_as_str(caption))
+        counts.update(w for w, _ in pre.pre_tokenize_str(text) if len(w) <= MAX_CHARS_PER_WORD)
+    firsts = sorted({w[0] for w in counts})
+    conts = sorted({"##" + c for w in counts for c in w[1:]})
+    tokens = list(BERT_SPECIAL_TOKENS) + firsts + conts
+    have = set(tokens)
+    for word, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(tokens) >= vocab_size or n < min_frequency:
+            break
+        if word not in have:
+            tokens.append(word)
+            have.add(word)
+    if len(tokens) > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is too small for the {len(tokens) - len(BERT_SPECIAL_TOKENS)} "
+                         f"characters of this corpus plus the {len(BERT_SPECIAL_TOKENS)} BERT special entries")
     out_path = os.fspath(out_path)
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with open(out_path, "w", encoding="utf-8") as f:
@@ -179,7 +188,7 @@ def build_vocab_file(corpus: str | os.PathLike, out_path: str | os.PathLike,
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m crate_jax.text.tokenizer",
-                                description="Trains a BERT-layout WordPiece vocab.txt on a caption file.")
+                                description="Writes a BERT-layout WordPiece vocab.txt from a caption file.")
     p.add_argument("--corpus", required=True, help="UTF-8 text file, one caption per line")
     p.add_argument("--out", required=True, help="vocab.txt to write")
     p.add_argument("--size", type=int, default=DEFAULT_VOCAB_SIZE,

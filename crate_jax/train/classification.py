@@ -9,6 +9,8 @@ Config keys read here: `res`, `seed`, `model.{name, variant, **ModelConfig overr
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,16 +23,61 @@ from crate_jax.models.preprocess import normalize
 from crate_jax.train.evaluation import eval_batch_size, every_of, global_batch, jit_on_model
 from crate_jax.train.mixup import mixup_cutmix
 from crate_jax.train.task import TaskBase
+from crate_jax.train.validate import known_keys, need_number
+
+
+class ClassCountUnavailable(ConfigError):
+    """`config.model.num_classes` is unset and the data could not be read to count the classes."""
 
 
 def model_config_from(config: ConfigDict, num_classes: int) -> ModelConfig:
     """`config.model` = {name, variant, **ModelConfig overrides}; image size from `config.res`."""
-    m = dict(config.model)
+    m = dict(config.get("model", None) or {})
+    if "name" not in m or "variant" not in m:
+        raise ConfigError(f"config.model needs 'name' (crate | crate_alpha | vit) and 'variant' (e.g. 'B/16'); "
+                          f"got keys {sorted(m)}")
     name, variant = m.pop("name"), m.pop("variant")
-    m.setdefault("image_size", config.res)
+    if "image_size" not in m:
+        if not isinstance(config.get("res"), int) or isinstance(config.get("res"), bool):
+            raise ConfigError(f"config.res: expected the image size in pixels (an integer), got {config.get('res')!r}")
+        m["image_size"] = config.res
     if m.get("num_classes") is None:
         m["num_classes"] = num_classes
-    return model_config(name, variant, **m)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(m) - known)
+    if unknown:
+        raise ConfigError(f"config.model.{unknown[0]}: unknown model config key{'s ' + str(unknown) if len(unknown) > 1 else ''}"
+                          f"; known keys are {sorted(known - {'model', 'variant'})}")
+    try:
+        return model_config(name, variant, **m)
+    except ConfigError as e:
+        res = "" if "image_size" in dict(config.model) else f" (image size config.res = {config.res})"
+        raise ConfigError(f"config.model{res}: {e}") from None
+
+
+LOSS_KEYS = ("label_smoothing", "on_value", "off_value", "mixup")
+MIXUP_KEYS = ("enabled", "mixup_alpha", "cutmix_alpha", "switch_prob")
+
+
+def validate_loss(config: ConfigDict) -> None:
+    """`config.loss`: label smoothing in [0, 1), explicit on/off values together, mixup parameters."""
+    loss = config.get("loss", None)
+    if loss is None:
+        raise ConfigError("config.loss is missing (label_smoothing, on_value / off_value, mixup)")
+    known_keys(loss, "loss", LOSS_KEYS)
+    need_number(config, "loss.label_smoothing", lo=0, hi=1, hi_open=True, optional=True)
+    if (loss.get("on_value") is None) != (loss.get("off_value") is None):
+        raise ConfigError("config.loss.on_value and off_value go together (big_vision one-hot values); set both or "
+                          "neither")
+    if loss.get("on_value") is not None:
+        need_number(config, "loss.on_value", lo=0, hi=1)
+        need_number(config, "loss.off_value", lo=0, hi=1)
+    mix = loss.get("mixup", None)
+    if mix is not None:
+        known_keys(mix, "loss.mixup", MIXUP_KEYS)
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            need_number(config, f"loss.mixup.{key}", lo=0, optional=True)
+        need_number(config, "loss.mixup.switch_prob", lo=0, hi=1, optional=True)
 
 
 def soft_labels(labels, num_classes: int, on: float, off: float):
@@ -53,9 +100,24 @@ class ClassificationTask(TaskBase):
         super().__init__(config)
         from crate_jax.data import loader
         self.loader = loader
+        validate_loss(config)
+        try:
+            loader.resolve_config(config.data)
+        except ValueError as e:  # the data config's own checks name the key
+            raise ConfigError(str(e)) from None
         # The class count comes from the model config when it is set, so building the model (AOT, benches)
         # never has to open the dataset; otherwise from the dataset.
-        self.num_classes = int(config.model.get("num_classes") or loader.num_classes(config.data))
+        n = config.model.get("num_classes")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ConfigError(f"config.model.num_classes: expected an integer >= 1 (or unset: read from the data), "
+                              f"got {n!r}")
+        if n is None:
+            try:
+                n = loader.num_classes(config.data)
+            except ValueError as e:  # e.g. a TFDS dataset that is not prepared: the message says where
+                raise ClassCountUnavailable(f"config.model.num_classes is unset, so the class count is read "
+                                            f"from config.data, which failed: {e}") from None
+        self.num_classes = int(n)
         self.model_cfg = model_config_from(config, self.num_classes)
         self.on, self.off = label_values(config, self.num_classes)
 
@@ -120,6 +182,9 @@ class ClassificationEvaluator:
         self.name, self.task, self.mesh = name, task, mesh
         self.every = every_of(task.config, spec, key)
         self.batch_size = eval_batch_size(task.config, spec, mesh, key)
+        if "split" in spec and not spec.split:
+            raise ConfigError(f"{key}.split is empty: name the split to evaluate (e.g. 'validation'), or drop the "
+                              f"key to use config.data.eval_split")
         self.split = spec.get("split", None) or task.config.data.get("eval_split")
         if not self.split:
             raise ConfigError(f"{key}.split: no eval split (set it, or config.data.eval_split)")

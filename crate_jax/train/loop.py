@@ -22,6 +22,7 @@ from ml_collections import ConfigDict
 
 from crate_jax.checkpoint.training import TrainCheckpointer, as_path
 from crate_jax.models import registry as model_registry
+from crate_jax.models.config import ConfigError
 from crate_jax.parallel import mesh as mesh_lib
 from crate_jax.train import metrics as M
 from crate_jax.train.evaluation import EvalState, due, global_batch
@@ -30,6 +31,10 @@ from crate_jax.train.setup import Setup, memory_report
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class DataError(RuntimeError):
+    """The training data cannot be opened (missing files, an unprepared dataset); the message says which."""
 
 
 class _Preemption:
@@ -75,32 +80,69 @@ def write_run_metadata(workdir, config: ConfigDict, model_cfg) -> None:
     (workdir / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
+def config_changes(workdir, config: ConfigDict) -> list[str]:
+    """`'optim.lr: 0.001 -> 0.0005'` for every leaf that differs from the workdir's `config.json`."""
+    path = workdir / "config.json"
+    if not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return ["(the stored config.json is not JSON)"]
+    new = json.loads(config.to_json_best_effort())
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d.items() if isinstance(d, dict) else []):
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+    a, b = flat(old), flat(new)
+    return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict:
     """Trains to the task's total steps, resuming from `workdir` if it holds checkpoints. Returns the last
     train/eval metrics."""
     workdir = as_path(workdir)
     mesh = mesh_lib.make_mesh(config.mesh)
     setup = Setup(config, mesh)  # every config error is raised here, before the workdir is touched
-    task, total_steps = setup.task, setup.total_steps
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = TrainCheckpointer(workdir / "checkpoints", keep=config.get("keep_checkpoints", 3),
-                             keep_period=config.get("keep_period", None),
-                             async_save=config.get("async_checkpoints", True))
-    try:
-        restored = ckpt.restore(setup.abstract_state)
-    except BaseException:
-        ckpt.close()
+    try:  # open the data before touching the workdir: a missing dataset changes nothing
+        train_it = setup.task.train_iterator(batch_size=setup.per_process_batch, process_index=jax.process_index(),
+                                             process_count=jax.process_count())
+    except ConfigError:
         raise
+    except (ValueError, OSError) as e:
+        raise DataError(f"the training data cannot be opened: {e}") from e
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        ckpt = TrainCheckpointer(workdir / "checkpoints", keep=config.get("keep_checkpoints", 3),
+                                 keep_period=config.get("keep_period", None),
+                                 async_save=config.get("async_checkpoints", True))
+        try:
+            return _train(setup, workdir, ckpt, train_it)
+        finally:
+            ckpt.close()
+    finally:
+        train_it.close()
+
+
+def _train(setup: Setup, workdir, ckpt: TrainCheckpointer, train_it) -> dict:
+    config, mesh, task, total_steps = setup.config, setup.mesh, setup.task, setup.total_steps
+    restored = ckpt.restore(setup.abstract_state)  # a workdir of another run raises, untouched
     data_state = None
     if restored is not None:
         start, state, data_state = restored
         M.console(f"resumed from {workdir / 'checkpoints'} at step {start}")
+        changed = config_changes(workdir, config)
+        if changed:
+            M.console(f"note: the config differs from the one that wrote this workdir ({len(changed)} keys): "
+                      + "; ".join(changed[:8]) + ("; ..." if len(changed) > 8 else ""))
     else:
         state, start = setup.fresh_state(), 0
-    write_run_metadata(workdir, config, task.model_cfg)
-
-    train_it = task.train_iterator(batch_size=setup.per_process_batch, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+    write_run_metadata(workdir, config, task.model_cfg)  # the run fits the workdir: now it may change
     if data_state is not None:
         train_it.set_state(data_state)
 
@@ -111,14 +153,23 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict:
     writer = M.MetricsWriter(workdir, resume_step=start)
     peak = M.measure_matmul_peak() * jax.device_count()
     flops_per_example = task.flops_per_example()
+    tokens_per_example = task.tokens_per_example()
     log_every, ckpt_every = int(config.get("log_every", 50)), int(config.get("checkpoint_every", 1000))
     last: dict = {}
     pending = None  # (step, metrics) of the previous step, checked one step late to keep the device busy
 
     def check(pending) -> dict:
+        """The metrics of `pending` as floats; stops the run at a non-finite step. A checkpoint is good only if
+        its parameters are finite (checked before it is written) and so are the loss and gradients they give
+        (known one step later): when step `s` computes a non-finite loss or gradient, the checkpoint of step
+        `s - 1` holds the parameters that produced it, and is set aside."""
         step, m = pending
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         if m.get("train/finite", 1.0) != 1.0 or not math.isfinite(m["train/loss"]):
+            ckpt.wait()
+            if not (math.isfinite(m["train/loss"]) and math.isfinite(m["train/grad_norm"])) and \
+                    step - 1 in ckpt.all_steps():
+                ckpt.set_aside(step - 1, f"holds parameters whose loss / gradient at step {step} is non-finite")
             good = [s for s in ckpt.all_steps() if s < step]
             what = (f"non-finite loss {m['train/loss']}" if not math.isfinite(m["train/loss"]) else
                     f"non-finite gradients or parameters (loss {m['train/loss']:.4g})")
@@ -164,6 +215,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict:
                     eps = sps * setup.global_batch_size
                     last_m.update({"perf/steps_per_s": sps, "perf/examples_per_s": eps,
                                    "perf/mfu": eps * flops_per_example / peak})
+                    if tokens_per_example:
+                        last_m["perf/tokens_per_s"] = eps * tokens_per_example
                     last_m.update({f"data/{k}": float(v) for k, v in train_it.stats().items()})
                     writer.write(step, last_m)
                     M.console(M.progress_line(step, total_steps, last_m, (total_steps - step) / max(sps, 1e-9)))
@@ -181,14 +234,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict:
             ckpt.wait()
             last.update(evaluate(step, state, final=True))
         finally:
-            ckpt.close()
             writer.close()
-            close = getattr(train_it, "close", None)
-            if close is not None:
-                close()
     if jax.process_index() == 0:
         (workdir / "final_metrics.json").write_text(json.dumps(last, indent=2, sort_keys=True))
+    final = max(ckpt.all_steps(), default=None)
     summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(last.items()) if k.startswith("eval/"))
-    M.console(f"done: step {step}/{total_steps}; {summary or 'no eval'}; checkpoint: {workdir / 'checkpoints' / str(step)}"
-              f"; metrics: {workdir / 'metrics.jsonl'}")
+    M.console(f"done: step {step}/{total_steps}; {summary or 'no eval'}; checkpoint: "
+              f"{workdir / 'checkpoints' / str(final) if final is not None else 'none'}; metrics: "
+              f"{workdir / 'metrics.jsonl'}")
     return last

@@ -119,9 +119,10 @@ def format_eta(seconds: float) -> str:
 
 def progress_line(step: int, total: int, m: dict, eta_s: float) -> str:
     mfu = m.get("perf/mfu", float("nan"))
+    rate = (f"{m['perf/tokens_per_s']:,.0f} tok/s" if "perf/tokens_per_s" in m else
+            f"{m.get('perf/examples_per_s', float('nan')):,.1f} ex/s")
     return (f"step {step:>6}/{total} | loss {m.get('train/loss', float('nan')):.4f} | "
-            f"lr {m.get('train/lr', float('nan')):.3g} | {m.get('perf/examples_per_s', float('nan')):,.1f} ex/s | "
-            f"MFU {100 * mfu:.1f}% | ETA {format_eta(eta_s)}")
+            f"lr {m.get('train/lr', float('nan')):.3g} | {rate} | MFU {100 * mfu:.1f}% | ETA {format_eta(eta_s)}")
 
 
 def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:

@@ -47,11 +47,39 @@ def adapt(loaded: dict, fresh: dict, *, dont_load: str | None = r"head/.*", pose
     return out
 
 
-def load_pretrained(init_cfg, fresh: dict, *, loaded: dict | None = None) -> dict:
+def checkpoint_meta(path) -> dict | None:
+    """The `model.json` of a bundle, a training workdir or one of its `checkpoints/<step>` dirs (None if absent)."""
+    import json
+
+    from crate_jax.checkpoint.bundle import MODEL_JSON
+    from crate_jax.checkpoint.training import as_path
+
+    p = as_path(path)
+    for d in (p, p.parent.parent):
+        try:
+            if (d / MODEL_JSON).exists():
+                return json.loads((d / MODEL_JSON).read_text())
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def load_pretrained(init_cfg, fresh: dict, *, loaded: dict | None = None, target=None) -> dict:
     """`fresh` (host numpy tree) with the parameters of `init_cfg.checkpoint` merged in (see `adapt`):
     `init_cfg.dont_load` (regex, default the head) keeps fresh values, `init_cfg.posemb_resample`
-    ('2d' | '1d') resamples a position embedding of another length."""
+    ('2d' | '1d') resamples a position embedding of another length. A checkpoint of another model kind (a
+    SimDINO student / teacher bundle or run, a CRATE-MAE encoder) is first mapped into the classifier's tree
+    (`crate_jax.models.backbones.classifier_params_from`; `target`, the classifier's config, if given, is
+    checked against the source's structure)."""
     if loaded is None:
+        from crate_jax.models.backbones import classifier_params_from
+        from crate_jax.train import metrics as M
+
         loaded = read_params(init_cfg.checkpoint)
+        meta = checkpoint_meta(init_cfg.checkpoint) or {}
+        if meta.get("kind") not in (None, "classifier"):
+            loaded, kept = classifier_params_from(meta["kind"], meta.get("config"), loaded, fresh, target)
+            M.console(f"initialising the classifier from the {meta['kind']} backbone in {init_cfg.checkpoint}"
+                      + (f"; no counterpart, kept fresh: {', '.join(kept)}" if kept else ""))
     return adapt(loaded, fresh, dont_load=init_cfg.get("dont_load", r"head/.*"),
                  posemb_mode=init_cfg.get("posemb_resample", "2d"))

@@ -16,12 +16,18 @@ from crate_jax.models.config import ConfigError
 TASKS: dict[str, Any] = {
     "classification": "crate_jax.train.classification:ClassificationTask",
     "clip": "crate_jax.clip.task:ClipTask",
+    "lm": "crate_jax.lm.task:LMTask",
+    "mae": "crate_jax.ssl.mae_task:MAETask",
+    "simdino": "crate_jax.ssl.simdino_task:SimDINOTask",
 }
 
 EVALUATORS: dict[str, Any] = {
     "classification": "crate_jax.train.classification:ClassificationEvaluator",
     "zeroshot": "crate_jax.clip.zeroshot:ZeroShotEvaluator",
     "retrieval": "crate_jax.clip.zeroshot:RetrievalEvaluator",
+    "lm_loss": "crate_jax.lm.evaluators:LMLossEvaluator",
+    "knn": "crate_jax.probe.knn:KNNEvaluator",
+    "linear_probe": "crate_jax.probe.linear_probe:LinearProbeEvaluator",
 }
 
 

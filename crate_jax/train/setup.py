@@ -55,14 +55,15 @@ class Setup:
 
     def __init__(self, config: ConfigDict, mesh):
         self.config, self.mesh = config, mesh
+        check_batch(config, mesh)  # engine keys first: a task may open its data to read the class count
         self.task = task = make_task(config)
         if task.model_cfg is not None:  # exportable models declare their bundle kind
             model_registry.kind_of(task.model_cfg)
-        check_batch(config, mesh)
         task.validate(mesh)
+        self.evaluators = task.evaluators(mesh)  # their config errors too, before any data is opened
         self.global_batch_size = int(config.batch_size)
         self.per_process_batch = self.global_batch_size // jax.process_count()
-        self.total_steps = self._total_steps()
+        self.total_steps = task.total_steps = self._total_steps()  # for schedules inside the task
 
         abstract_model = nnx.eval_shape(lambda: task.build_model(config.seed))
         self.graphdef, params_state, buffers_state = nnx.split(abstract_model, nnx.Param, ...)
@@ -88,7 +89,6 @@ class Setup:
         self.batch_sh = {k: sh.batch_sharding(mesh, len(v.shape) + 1) for k, v in spec.items()}
         self.batch_shapes = {k: jax.ShapeDtypeStruct((self.global_batch_size,) + tuple(v.shape), v.dtype,
                                                      sharding=self.batch_sh[k]) for k, v in spec.items()}
-        self.evaluators = task.evaluators(mesh)
         step_fn = make_train_step(self.graphdef, task, self.tx, self.lr_fn, seed=config.seed,
                                   microbatches=config.get("microbatches", 1))
         self.train_step = jax.jit(step_fn, in_shardings=(self.state_sh, self.batch_sh),
@@ -123,7 +123,11 @@ class Setup:
         params, buffers = jax.jit(init, out_shardings=(self.param_sh, self.buffer_sh))()
         init_cfg = self.config.get("init", None)
         if load_init and init_cfg is not None and init_cfg.get("checkpoint"):
-            params = jax.device_put(self.task.init_params(jax.device_get(params)), self.param_sh)
+            try:
+                loaded = self.task.init_params(jax.device_get(params))
+            except (ValueError, OSError) as e:  # a missing / damaged / mismatched pretrained checkpoint
+                raise ConfigError(f"config.init.checkpoint {init_cfg.checkpoint}: {e}") from e
+            params = jax.device_put(loaded, self.param_sh)
         return jax.jit(self.init_state, out_shardings=self.state_sh)(params, buffers)
 
     def compile(self):

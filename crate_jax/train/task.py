@@ -79,6 +79,10 @@ class Task(Protocol):
     update_extras(extras, params, step, aux): the extras after the optimizer update of `step`
         (0-based), from the updated `params`. Pure; runs inside the jitted step.
     flops_per_example(): model FLOPs of one training example (forward + backward), for MFU.
+    tokens_per_example(): tokens in one example (a language model's sequence length), or None; when
+        set, the progress line and metrics show `perf/tokens_per_s`.
+    total_steps: set by the engine (`Setup`) before the step is built, for schedules inside the task
+        (an EMA momentum schedule, say).
     train_iterator(batch_size, process_index, process_count): this process's `DataIterator`.
     evaluators(mesh): the `Evaluator`s to run (usually built from `config.evals` by
         `crate_jax.train.evaluation.from_config`).
@@ -108,6 +112,8 @@ class Task(Protocol):
     def update_extras(self, extras: dict, params: dict, step: jax.Array, aux: Any) -> dict: ...
 
     def flops_per_example(self) -> float: ...
+
+    def tokens_per_example(self) -> int | None: ...
 
     def train_iterator(self, *, batch_size: int, process_index: int, process_count: int) -> DataIterator: ...
 
@@ -147,6 +153,9 @@ class TaskBase:
         pass
 
     def num_train_examples(self) -> int | None:
+        return None
+
+    def tokens_per_example(self) -> int | None:
         return None
 
     def init_params(self, fresh: dict) -> dict:

@@ -116,13 +116,20 @@ def numpy_to_torch(a: np.ndarray):
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head[:4] != b"PK\x03\x04":  # without this, numpy falls back to unpickling and reports "pickled data"
+        what = "a single .npy array" if head == b"\x93NUMPY" else "not a zip archive"
+        raise WeightsError(f"{path}: not a numpy .npz archive ({what}); expected an .npz written by np.savez "
+                           f"(e.g. a big_vision checkpoint)")
     try:
         with np.load(path, allow_pickle=False) as z:
             out = {name: _unvoid(name, z[name], path) for name in z.files}
     except WeightsError:
         raise
-    except Exception as e:  # BadZipFile, ValueError (pickled objects), OSError ...
-        raise WeightsError(f"{path}: cannot read as a numpy .npz archive: {e}") from e
+    except Exception as e:  # BadZipFile (truncated), ValueError (object arrays, which are refused), OSError ...
+        raise WeightsError(f"{path}: cannot read as a numpy .npz archive ({type(e).__name__}: {e}); it is "
+                           f"truncated, or holds object arrays, which are refused for safety") from e
     return out
 
 

@@ -1,0 +1,212 @@
+"""Configs from the command line: `--config FILE.py[:ARGS]` and `--config.KEY=VALUE` overrides.
+
+Used by `python -m crate_jax.train`, `crate_jax.aot` and `crate_jax.sweep`, so every tool reads a
+config the same way:
+
+* `FILE.py` is a path (relative to the working directory, or to the repository / installed package
+  root, so `configs/digits.py` works from any directory); it defines `get_config(arg)`. The
+  `configs` package is installed with crate_jax, so config files import `configs.common` from anywhere.
+* `--config.a.b=VALUE` (or `--config.a.b VALUE`) sets one value. An existing value keeps its type
+  (`True`/`false`/`1`/`0` for booleans, numbers checked, `(2,9)` or `2,9` for tuples); a key that is
+  absent or None takes the Python literal the text spells (`4`, `1e-3`, `True`, `None`, `(2, 9)`),
+  else the text itself. New keys are accepted inside the config's sections (`model`, `data`, `optim`,
+  ...), whose own checks then name any key they do not know, and at the top level only for the keys
+  the engine reads (`ENGINE_KEYS`).
+
+Every problem is a `ConfigError` naming the file or key and what was expected.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from crate_jax.models.config import ConfigError
+
+# Top-level keys the engine or a task reads; an override may add these even when a config omits them.
+ENGINE_KEYS = ("task", "seed", "res", "txt_len", "block", "batch_size", "total_steps", "num_epochs", "microbatches",
+               "mesh", "optim", "loss", "init", "model", "data", "evals", "log_every", "eval_every",
+               "eval_batch_size", "checkpoint_every", "keep_checkpoints", "keep_period", "async_checkpoints")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _roots() -> list[Path]:
+    """Where a relative config path may live besides the working directory: the repository (or
+    site-packages) directory that holds the `configs` package."""
+    spec = importlib.util.find_spec("configs")
+    roots = []
+    if spec is not None and spec.submodule_search_locations:
+        roots += [Path(p).parent for p in spec.submodule_search_locations]
+    roots.append(Path(__file__).resolve().parents[2])
+    return roots
+
+
+def resolve_path(path: str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p.resolve()
+    if not p.is_absolute():
+        for root in _roots():
+            if (root / p).is_file():
+                return (root / p).resolve()
+    known = sorted(str(q.relative_to(r)) for r in _roots()[:1] for q in (r / "configs").glob("*.py")
+                   if q.name not in ("__init__.py", "common.py")) if _roots() else []
+    raise ConfigError(f"--config {path}: no such file (looked in {os.getcwd()} and {_roots()[0]}); "
+                      f"the bundled configs are {known}")
+
+
+def load(spec: str) -> ConfigDict:
+    """`'configs/digits.py:steps=10'` -> the ConfigDict its `get_config('steps=10')` returns."""
+    if not spec:
+        raise ConfigError("--config is empty; expected configs/FILE.py[:ARGS]")
+    path_text, _, arg = spec.partition(":")
+    path = resolve_path(path_text)
+    name = f"_crate_jax_config_{abs(hash(str(path)))}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - a broken config file: name it and the error
+        raise ConfigError(f"{path}: cannot be loaded: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config(arg)")
+    try:
+        config = module.get_config(arg) if arg or _takes_arg(module.get_config) else module.get_config()
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+        raise ConfigError(f"{path}: get_config({arg!r}): {e}") from e
+    if not isinstance(config, ConfigDict):
+        raise ConfigError(f"{path}: get_config returned a {type(config).__name__}, expected an ml_collections "
+                          f"ConfigDict")
+    return config
+
+
+def _takes_arg(fn) -> bool:
+    import inspect
+    try:
+        return len(inspect.signature(fn).parameters) > 0
+    except (TypeError, ValueError):
+        return True
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_value(text: str, current, key: str):
+    """`text` as the type of `current` (the value being replaced; None: any literal)."""
+    if current is None:
+        return _literal(text)
+    if isinstance(current, bool):
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigError(f"--config.{key}={text}: expected a boolean (true / false)")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            value = _literal(text)
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"--config.{key}={text}: expected an integer") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--config.{key}={text}: expected a number") from None
+    if isinstance(current, (tuple, list)):
+        value = _literal(text if text.strip().startswith(("(", "[")) else f"({text},)")
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"--config.{key}={text}: expected a sequence such as (2, 9)")
+        return type(current)(value)
+    if isinstance(current, (ConfigDict, dict)):
+        raise ConfigError(f"--config.{key} is a section, not a value; set its keys (--config.{key}.NAME=VALUE)")
+    return text
+
+
+def set_value(config: ConfigDict, key: str, text: str) -> None:
+    """Applies `--config.KEY=TEXT` (see the module docstring)."""
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise ConfigError(f"--config.{key}: not a valid key")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        if part not in node or node[part] is None:
+            if i == 0 and part not in ENGINE_KEYS:
+                raise ConfigError(f"--config.{key}: unknown key {part!r}; this config has {sorted(config.keys())}")
+            with node.ignore_type():
+                node[part] = ConfigDict()
+        node = node[part]
+        if not isinstance(node, ConfigDict):
+            raise ConfigError(f"--config.{'.'.join(parts[:i + 1])} is a value, not a section")
+    last = parts[-1]
+    if len(parts) == 1 and last not in config and last not in ENGINE_KEYS:
+        raise ConfigError(f"--config.{key}: unknown key; this config has {sorted(config.keys())} (the engine also "
+                          f"reads {sorted(set(ENGINE_KEYS) - set(config.keys()))})")
+    current = node.get(last, None) if last in node else None
+    value = parse_value(text, current, key)
+    with node.ignore_type():
+        node[last] = value
+
+
+def split_overrides(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """`--config.KEY=VALUE` / `--config.KEY VALUE` pairs out of `argv`, and the remaining arguments."""
+    pairs, rest, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--config."):
+            key, eq, value = a[len("--config."):].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{a}: expected a value (--config.KEY=VALUE)")
+                value = argv[i + 1]
+                i += 1
+            pairs.append((key, value))
+        else:
+            rest.append(a)
+        i += 1
+    return pairs, rest
+
+
+def load_with_overrides(spec: str, overrides: list[tuple[str, str]] | list[str]) -> ConfigDict:
+    """The config of `spec` with `overrides` (pairs, or `--config.KEY=VALUE` strings) applied in order."""
+    config = load(spec)
+    if overrides and isinstance(overrides[0], str):
+        overrides, rest = split_overrides(list(overrides))
+        if rest:
+            raise ConfigError(f"not config overrides: {rest}")
+    for key, value in overrides:
+        set_value(config, key, value)
+    return config
+
+
+def take_option(argv: list[str], name: str) -> tuple[str | None, list[str]]:
+    """`--name=VALUE` / `--name VALUE` out of `argv` (the last one wins)."""
+    value, rest, i = None, [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == f"--{name}":
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{name}: expected a value")
+            value = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith(f"--{name}="):
+            value = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return value, rest
+
+
+def eprint(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
