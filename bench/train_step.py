@@ -24,7 +24,9 @@ from crate_jax.train.metrics import measure_matmul_peak
 def config(model: str, variant: str, res: int, batch: int, dtype: str, remat: str):
     from configs.common import base_config
     from ml_collections import ConfigDict
+    from crate_jax.data import loader
     c = base_config()
+    c.data = loader.default_data_config()  # never opened: num_classes and total_steps are set
     c.res = res
     c.model = ConfigDict(dict(name=model, variant=variant, dtype=dtype, remat=remat, num_classes=1000))
     c.batch_size = batch

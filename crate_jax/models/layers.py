@@ -9,6 +9,7 @@ Tokens are rows: `x [B, N, d]`. Equations cite SPEC.md.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -49,8 +50,41 @@ def param(rngs: nnx.Rngs, init: Initializer, shape, axes, dtype) -> nnx.Param:
 
 
 # Basic layers -------------------------------------------------------------------------------
+def _normalize_fwd(x: jax.Array, eps: float):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    xc = x - mean  # two-pass variance: exact for inputs with a large mean
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + eps)
+    xhat = xc * rstd
+    return xhat, (xhat, rstd)
+
+
+def _normalize_bwd(eps: float, res, g: jax.Array):
+    del eps
+    xhat, rstd = res
+    mean_g = jnp.mean(g, axis=-1, keepdims=True)
+    mean_gx = jnp.mean(g * xhat, axis=-1, keepdims=True)
+    return (rstd * (g - mean_g - xhat * mean_gx),)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def normalize(x: jax.Array, eps: float) -> jax.Array:
+    """`(x − mean(x)) / sqrt(var(x) + eps)` over the last axis, with a hand-written gradient.
+
+    The gradient `rstd · (g − mean(g) − x̂ · mean(g · x̂))` reaches the input as one full-size array.
+    Autodiff instead returns it in pieces, the last one a broadcast of the mean's row statistic; XLA
+    fuses an add of a broadcast into every consumer without limit, so in a residual network each
+    layer's backward kernels re-derived the whole residual-stream gradient of the layers above
+    (bench/RESULTS.md, "Profiles"). With one array per LayerNorm, every residual-gradient add has two
+    full-size operands and a matmul among its users, which XLA never duplicates.
+    """
+    return _normalize_fwd(x, eps)[0]
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
 class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis with biased variance; statistics in float32."""
+    """LayerNorm over the last axis with biased variance; statistics in float32 (`normalize`)."""
 
     def __init__(self, dim: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs,
                  scale_init: Initializer = ones, bias_init: Initializer = zeros):
@@ -60,10 +94,7 @@ class LayerNorm(nnx.Module):
         self.bias = param(rngs, bias_init, (dim,), ("norm",), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = normalize(x.astype(jnp.promote_types(x.dtype, jnp.float32)), self.eps)
         y = y * self.scale[...].astype(y.dtype) + self.bias[...].astype(y.dtype)
         return y.astype(self.dtype)
 
@@ -106,17 +137,31 @@ def drop_path(x: jax.Array, rate, key: jax.Array | None) -> jax.Array:
 
 
 # Attention -----------------------------------------------------------------------------------
+def _cudnn_attention(q, k, v, *, causal: bool, mask):
+    """cuDNN's fused kernel (GPU, 16-bit inputs), or None where it does not apply here."""
+    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return None
+    try:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError):  # shape, mask or cuDNN version not supported
+        return None
+
+
 def attend(q, k, v, *, impl: str, causal: bool = False, mask: jax.Array | None = None) -> jax.Array:
     """Softmax attention `[B, T, K, p] -> [B, T, K, p]` with temperature `1/sqrt(p)`.
 
-    `mask` is boolean, broadcastable to `[B, K, T, S]` (True = attend). 'fused' goes through
-    `jax.nn.dot_product_attention` so GPUs/TPUs get their fused kernels; 'explicit' is the
-    textbook einsum + softmax, kept for tests and for attention-map analysis.
+    `mask` is boolean, broadcastable to `[B, K, T, S]` (True = attend). 'fused' uses cuDNN's fused
+    kernel on a GPU with 16-bit inputs; everywhere else (CPU, TPU, float32) it is the explicit form
+    below, which is what `jax.nn.dot_product_attention` computes there too, minus the reshapes and
+    transposes of its grouped-query layout (bench/RESULTS.md, "Profiles"). 'explicit' is always the
+    textbook einsum + softmax (tests, attention-map analysis).
     """
     if impl == "fused":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+        out = _cudnn_attention(q, k, v, causal=causal, mask=mask)
+        if out is not None:
+            return out
     scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("btkp,bskp->bkts", q, k).astype(jnp.float32) * scale
+    logits = jnp.einsum("btkp,bskp->bkts", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
     T, S = logits.shape[-2:]
     if causal:
         logits = jnp.where(jnp.tril(jnp.ones((T, S), bool)), logits, -jnp.inf)
