@@ -10,9 +10,12 @@ float32 parameters. It is built without `Setup`, so that only jax, flax, optax a
 are needed (the device image has no data-pipeline packages). MFU = analytic train FLOPs (3 × forward,
 `crate_jax.models.flops`) × examples/s, against (a) the H200's dense bf16 peak, 989 TFLOP/s, and
 (b) an 8192³ bf16 matmul measured in this process. Results go to stdout and, with `--out`, to
-`DIR/gpu_step.jsonl`. Set-up on a bare device image (see bench/RESULTS.md, "GPU"):
+`DIR/gpu_step.jsonl`. On a bare device image (JAX with CUDA, flax, optax; see bench/RESULTS.md, "GPU"), nothing
+is installed: `bench/gpu_prepare.sh` copies the one missing pure-Python package (ml_collections) into
+build/gpu_site here, and the device run carries it:
 
-    pip install --no-deps --no-index build/gpu_wheels/*.whl && pip install --no-deps -e .
+    bench/gpu_prepare.sh                                          # here
+    PYTHONPATH=.:build/gpu_site python bench/gpu_step.py --out "$OUT"   # on the device (carry: build/gpu_site)
 """
 
 from __future__ import annotations

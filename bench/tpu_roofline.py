@@ -2,7 +2,8 @@
 
     pip install 'libtpu==0.0.42.*'      # the `aot` extra
     python bench/tpu_roofline.py --config configs/imagenet21k.py:variant=L/14 --topology v5p-128
-    python bench/tpu_roofline.py --config configs/clipa.py:variant=L/14,stage=pretrain --topology v5p-128
+    python bench/tpu_roofline.py --config configs/clipa.py:variant=L/14,stage=pretrain,shards=unused.tar,vocab=VOCAB.txt,init=unused \
+        --topology v5p-128      # the CLIPA task checks these keys; nothing is read (VOCAB.txt: any vocab file)
 
 The real sharded train step is compiled for the slice's chips as `crate_jax.aot` does; the TPU
 compiler's cost analysis gives one chip's FLOPs and HBM bytes per step. The roofline bound of the step

@@ -136,8 +136,36 @@ class BlockConfig:
 _BLOCK_FIELDS = tuple(f.name for f in dataclasses.fields(BlockConfig) if f.name != "family")
 
 
+def check_fields(cls, keys, what: str) -> None:
+    """Raises a ConfigError naming every key of `keys` that is not a field of the dataclass `cls`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(keys) - names)
+    if unknown:
+        raise ConfigError(f"unknown {what} config keys {unknown}; known keys are {sorted(names)}")
+
+
+class Serialised:
+    """`to_dict` / `to_json` / `from_dict` / `replace` for a flat config dataclass; `what` names it in errors."""
+
+    what = "model"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        check_fields(cls, d, cls.what)
+        return cls(**d)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Serialised):
     """Everything that fixes an image classifier's parameters and forward pass.
 
     The fields are flat (this is the JSON a bundle stores); `block` is the `BlockConfig` of its
@@ -228,23 +256,6 @@ class ModelConfig:
         if not 0.0 <= self.emb_dropout < 1.0:
             bad("emb_dropout", f"must be in [0, 1), got {self.emb_dropout}")
 
-    # Serialisation ---------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown model config keys {unknown}; known keys are {sorted(names)}")
-        return cls(**d)
-
-    def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def parse_variant(model: str, variant: str) -> tuple[str, int]:
@@ -269,9 +280,6 @@ def model_config(model: str, variant: str, **overrides) -> ModelConfig:
     width, depth, heads, mlp = VARIANTS[model][name]
     fields = dict(model=model, variant=f"{name}/{patch}", width=width, depth=depth, num_heads=heads,
                   patch_size=patch, mlp_dim=mlp, **_MODEL_DEFAULTS[model])
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ConfigError(f"unknown model config keys {unknown}; known keys are {sorted(names)}")
+    check_fields(ModelConfig, overrides, "model")
     fields.update(overrides)
     return ModelConfig(**fields)

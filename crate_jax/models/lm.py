@@ -34,7 +34,7 @@ from flax import nnx
 
 from crate_jax.models import layers as L
 from crate_jax.models.blocks import CrateAlphaBlock, CrateBlock, ViTBlock
-from crate_jax.models.config import ATTENTIONS, DTYPES, REMATS, BlockConfig, ConfigError
+from crate_jax.models.config import ATTENTIONS, DTYPES, REMATS, BlockConfig, ConfigError, Serialised, check_fields
 from crate_jax.models.encoder import Encoder
 from crate_jax.models.flops import block_flops
 from crate_jax.models.text import Embed
@@ -71,7 +71,7 @@ _MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class LMConfig:
+class LMConfig(Serialised):
     """Everything that fixes a language model's parameters and forward pass (a bundle's `model.json`).
 
     Tokens are `[B, T]` ints with `T <= block_size`; logits `[B, T, vocab_size]` (the model computes
@@ -79,6 +79,7 @@ class LMConfig:
     """
 
     kind: ClassVar[str] = "lm"
+    what = "language-model"  # names it in errors (Serialised)
 
     model: str
     variant: str
@@ -161,22 +162,6 @@ class LMConfig:
             bad("emb_dropout", f"must be in [0, 1), got {self.emb_dropout}")
         self.block.validate("language-model")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LMConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown language-model config keys {unknown}; known keys are {sorted(names)}")
-        return cls(**d)
-
-    def replace(self, **changes) -> "LMConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def resolve_variant(model: str, variant: str | None) -> str:
@@ -201,10 +186,7 @@ def lm_config(model: str, variant: str | None = None, **overrides) -> LMConfig:
     name = resolve_variant(model, variant)
     width, depth, heads = LM_VARIANTS[model][name]
     fields = dict(model=model, variant=name, width=width, depth=depth, num_heads=heads, **_MODEL_DEFAULTS[model])
-    names = {f.name for f in dataclasses.fields(LMConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ConfigError(f"unknown language-model config keys {unknown}; known keys are {sorted(names)}")
+    check_fields(LMConfig, overrides, "language-model")
     fields.update(overrides)
     if (fields["width"], fields["depth"], fields["num_heads"]) != (width, depth, heads):
         fields["variant"] = "custom"

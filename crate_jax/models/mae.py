@@ -26,9 +26,8 @@ mssa/...}`, `decoder_norm`, `decoder_pred/{kernel, bias}`; buffers `pos_embed`, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +37,7 @@ from flax import nnx
 from crate_jax.models import layers as L
 from crate_jax.models.blocks import CrateBlock
 from crate_jax.models.classifier import patchify
-from crate_jax.models.config import ATTENTIONS, DTYPES, REMATS, BlockConfig, ConfigError
+from crate_jax.models.config import ATTENTIONS, DTYPES, REMATS, BlockConfig, ConfigError, Serialised, check_fields
 from crate_jax.models.encoder import Encoder
 from crate_jax.models.flops import block_flops
 
@@ -70,10 +69,11 @@ def mae_sincos_2d(grid: int, width: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class MAEConfig:
+class MAEConfig(Serialised):
     """Everything that fixes a CRATE-MAE's parameters and forward pass (the JSON a bundle stores)."""
 
     kind: ClassVar[str] = "crate_mae"  # the bundle kind (crate_jax.models.registry)
+    what = "CRATE-MAE"  # names it in errors (Serialised)
 
     variant: str
     width: int
@@ -146,22 +146,6 @@ class MAEConfig:
         self.encoder_block.validate("CRATE-MAE encoder")
         self.decoder_block.validate("CRATE-MAE decoder")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown CRATE-MAE config keys {unknown}; known keys are {sorted(names)}")
-        return cls(**d)
-
-    def replace(self, **changes) -> "MAEConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def mae_config(variant: str = "T/16", **overrides) -> MAEConfig:
@@ -174,10 +158,7 @@ def mae_config(variant: str = "T/16", **overrides) -> MAEConfig:
     width, depth, heads = MAE_VARIANTS[name]
     fields = dict(variant=f"{name}/{patch or 16}", width=width, depth=depth, num_heads=heads,
                   patch_size=int(patch or 16))
-    names = {f.name for f in dataclasses.fields(MAEConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ConfigError(f"unknown CRATE-MAE config keys {unknown}; known keys are {sorted(names)}")
+    check_fields(MAEConfig, overrides, "CRATE-MAE")
     fields.update(overrides)
     return MAEConfig(**fields)
 

@@ -23,7 +23,7 @@ from flax import nnx
 from crate_jax.models import layers as L
 from crate_jax.models import posemb
 from crate_jax.models.classifier import ImageClassifier, patchify
-from crate_jax.models.config import ConfigError, ModelConfig, model_config
+from crate_jax.models.config import ConfigError, ModelConfig, check_fields, model_config
 from crate_jax.models.flops import forward_flops
 from crate_jax.models.heads import DINOHead
 
@@ -62,10 +62,7 @@ class SelfDistillConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SelfDistillConfig":
         d = dict(d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown self-distillation config keys {unknown}; known keys are {sorted(names)}")
+        check_fields(cls, d, "self-distillation")
         return cls(backbone=ModelConfig.from_dict(d.pop("backbone")), **d)
 
     def replace(self, **changes) -> "SelfDistillConfig":

@@ -20,7 +20,7 @@ from flax import nnx
 
 from crate_jax.models import layers as L
 from crate_jax.models.blocks import BLOCKS, ViTBlock
-from crate_jax.models.config import BlockConfig, ConfigError
+from crate_jax.models.config import BlockConfig, ConfigError, check_fields
 from crate_jax.models.encoder import Encoder
 
 PAD_ID = 0
@@ -95,10 +95,7 @@ def text_config(variant: str = "H", model: str = "transformer", **overrides) -> 
         raise ConfigError(f"unknown text variant {variant!r}; known: {sorted(TEXT_VARIANTS)}")
     w, d, k, m = TEXT_VARIANTS[variant]
     fields = dict(model=model, variant=variant, width=w, depth=d, num_heads=k, mlp_dim=m)
-    names = {f.name for f in dataclasses.fields(TextConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ConfigError(f"unknown text config keys {unknown}; known keys are {sorted(names)}")
+    check_fields(TextConfig, overrides, "text")
     fields.update(overrides)
     cfg = TextConfig(**fields)
     cfg.validate()

@@ -24,7 +24,7 @@ from flax import nnx
 
 from crate_jax.models import layers as L
 from crate_jax.models.classifier import ImageClassifier
-from crate_jax.models.config import ConfigError, ModelConfig, model_config
+from crate_jax.models.config import ConfigError, ModelConfig, check_fields, model_config
 from crate_jax.models.masking import drop_patches
 from crate_jax.models.text import TextConfig, TextTower, text_config
 
@@ -70,10 +70,7 @@ class TwoTowerConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TwoTowerConfig":
         d = dict(d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown two-tower config keys {unknown}; known keys are {sorted(names)}")
+        check_fields(cls, d, "two-tower")
         text = dict(d.pop("text"))
         tnames = {f.name for f in dataclasses.fields(TextConfig)}
         if set(text) - tnames:
