@@ -70,9 +70,26 @@ def _read(path, step, subtree) -> dict:
     raise ParamsError("no readable checkpoint step:\n  " + "\n  ".join(errors))
 
 
+class _NoItemMetadataWarning(logging.Filter):
+    """Orbax warns that an item directory (`<step>/state`) has no `_CHECKPOINT_METADATA`: that file lives one
+    level up, in the step directory, which the training restore checks; reading the item alone is normal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Metadata file does not exist" not in record.getMessage()
+
+
 def _restore(target: Path, key: str | None, shown: Path) -> dict:
     """Reads `target` (an Orbax PyTree directory), only its `key` subtree when given, onto this process's
     first device: a checkpoint written on another number of devices or hosts reads back the same."""
+    quiet = _NoItemMetadataWarning()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        return _restore_item(target, key, shown)
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+
+
+def _restore_item(target: Path, key: str | None, shown: Path) -> dict:
     try:
         with ocp.StandardCheckpointer() as ckptr:
             meta = ckptr.metadata(target)
