@@ -75,7 +75,7 @@ class _NoItemMetadataWarning(logging.Filter):
     level up, in the step directory, which the training restore checks; reading the item alone is normal."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Metadata file does not exist" not in record.getMessage()
+        return "Metadata file does not exist" not in str(record.msg)
 
 
 def _restore(target: Path, key: str | None, shown: Path) -> dict:

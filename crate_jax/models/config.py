@@ -147,7 +147,7 @@ def check_fields(cls, keys, what: str) -> None:
 class Serialised:
     """`to_dict` / `to_json` / `from_dict` / `replace` for a flat config dataclass; `what` names it in errors."""
 
-    what = "model"
+    what: ClassVar[str] = "model"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -255,7 +255,6 @@ class ModelConfig(Serialised):
             bad("posemb", f"sincos2d needs width divisible by 4, got {self.width}")
         if not 0.0 <= self.emb_dropout < 1.0:
             bad("emb_dropout", f"must be in [0, 1), got {self.emb_dropout}")
-
 
 
 def parse_variant(model: str, variant: str) -> tuple[str, int]:

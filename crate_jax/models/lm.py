@@ -24,7 +24,6 @@ logical axes `("vocab", "embed")` shard the vocabulary over `tensor` (when `tens
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any, ClassVar
 
@@ -79,7 +78,7 @@ class LMConfig(Serialised):
     """
 
     kind: ClassVar[str] = "lm"
-    what = "language-model"  # names it in errors (Serialised)
+    what: ClassVar[str] = "language-model"  # names it in errors (Serialised)
 
     model: str
     variant: str
@@ -161,7 +160,6 @@ class LMConfig(Serialised):
         if not 0.0 <= self.emb_dropout < 1.0:
             bad("emb_dropout", f"must be in [0, 1), got {self.emb_dropout}")
         self.block.validate("language-model")
-
 
 
 def resolve_variant(model: str, variant: str | None) -> str:

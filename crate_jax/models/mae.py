@@ -73,7 +73,7 @@ class MAEConfig(Serialised):
     """Everything that fixes a CRATE-MAE's parameters and forward pass (the JSON a bundle stores)."""
 
     kind: ClassVar[str] = "crate_mae"  # the bundle kind (crate_jax.models.registry)
-    what = "CRATE-MAE"  # names it in errors (Serialised)
+    what: ClassVar[str] = "CRATE-MAE"  # names it in errors (Serialised)
 
     variant: str
     width: int
@@ -145,7 +145,6 @@ class MAEConfig(Serialised):
             bad("decoder_depth", "decoder_depth and decoder_num_heads must be >= 0 (0: as the encoder)")
         self.encoder_block.validate("CRATE-MAE encoder")
         self.decoder_block.validate("CRATE-MAE decoder")
-
 
 
 def mae_config(variant: str = "T/16", **overrides) -> MAEConfig:

@@ -55,7 +55,8 @@ class Setup:
 
     def __init__(self, config: ConfigDict, mesh):
         self.config, self.mesh = config, mesh
-        check_batch(config, mesh)  # engine keys first: a task may open its data to read the class count
+        validate_config(config)  # engine keys first (types and ranges, then the batch against the mesh):
+        check_batch(config, mesh)  # a task may open its data to read the class count
         self.task = task = make_task(config)
         if task.model_cfg is not None:  # exportable models declare their bundle kind
             model_registry.kind_of(task.model_cfg)
