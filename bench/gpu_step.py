@@ -65,18 +65,6 @@ class _Task:
         return loss, {}, None
 
 
-def matmul_peak(n: int, dtype=jnp.bfloat16, repeats: int = 10) -> float:
-    x = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
-
-
 def run_case(name: str, steps: int, warmup: int, peak_measured: float) -> dict:
     from flax import nnx
     from crate_jax.models import build_model, model_config
@@ -130,7 +118,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
     n = 8192 if dev.platform == "gpu" else 1024
-    peak = matmul_peak(n)
+    from crate_jax.train.metrics import measure_matmul_peak
+    peak = measure_matmul_peak(n, repeats=10, dtype="bfloat16")
     print(f"jax {jax.__version__} on {dev.platform} {dev.device_kind}; bf16 {n}^3 matmul measured now: "
           f"{peak / 1e12:.0f} TFLOP/s ({100 * peak / H200_BF16_PEAK:.0f}% of the 989 TFLOP/s H200 peak)", flush=True)
     out = Path(args.out) / "gpu_step.jsonl" if args.out else None

@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
 
 from crate_jax.checkpoint.bundle import BundleError, load_bundle, params_dict
+from crate_jax.checkpoint import files
 from crate_jax.checkpoint.files import atomic_file
 from crate_jax.models import ConfigError, ImageClassifier, ModelConfig, build_model
 from crate_jax.models.posemb import resample_2d
@@ -97,20 +97,8 @@ def load_images(path: str | os.PathLike, layout: str, channels: int) -> np.ndarr
 
 
 def read_npy(path: str | os.PathLike, what: str) -> np.ndarray:
-    """A `.npy` array, memory-mapped, with errors that say what the file is instead."""
-    path = Path(path)
-    if not path.is_file():
-        raise PredictError(f"{path}: no such file (expected a .npy array of {what})")
-    with open(path, "rb") as f:
-        head = f.read(6)
-    if head[:4] == b"PK\x03\x04":
-        raise PredictError(f"{path} is a .npz (zip) archive; --{what} takes one .npy array (np.save, not np.savez)")
-    if head != b"\x93NUMPY":
-        raise PredictError(f"{path} is not a .npy file (no NumPy header); save the {what} with np.save")
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise PredictError(f"{path}: cannot read the .npy array: {e}") from e
+    """`--images` / `--mask`: `crate_jax.checkpoint.files.read_npy` raising PredictError."""
+    return files.read_npy(path, what, what, PredictError)
 
 
 def check_finite_rows(array: np.ndarray, path, chunk: int = 256) -> None:
@@ -155,6 +143,14 @@ def predict_logits(model: ImageClassifier, images: np.ndarray, *, layout: str = 
             x = np.concatenate([x, np.zeros((bs - real,) + x.shape[1:], x.dtype)])
         outs.append(np.asarray(forward(state, x))[:real])
     return np.concatenate(outs).astype(np.float32) if outs else np.zeros((0, 0), np.float32)
+
+
+def save_finite(path: str | os.PathLike, array: np.ndarray, what: str) -> None:
+    """`save_array`, refused (nothing written) when the model gave NaN or inf `what`."""
+    if not np.isfinite(array).all():
+        raise PredictError(f"the model gave NaN or inf {what}; nothing written. With a bfloat16/float16 bundle, "
+                           f"export it in float32 (export --dtype float32)")
+    save_array(path, array)
 
 
 def save_array(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -230,10 +226,7 @@ def _predict_mae(args, cfg, model, mae_config_cls) -> int:
                                f"{cfg.image_size} px (its sincos tables are fixed to that grid); resize the images")
         mask = check_mask(read_npy(args.mask, "mask"), images.shape[0], cfg.num_patches, args.mask)
         pred = predict_patches(model, images, mask, layout=args.layout, batch_size=args.batch_size)
-        if not np.isfinite(pred).all():
-            raise PredictError("the model gave NaN or inf predictions; nothing written. With a bfloat16/float16 "
-                               "bundle, export it in float32 (export --dtype float32)")
-        save_array(args.output, pred)
+        save_finite(args.output, pred, "predictions")
     except (PredictError, MaskError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -251,10 +244,7 @@ def _predict_tokens(args, cfg, model) -> int:
                                f"--tokens needs a language-model bundle (kind 'lm'); use --images for classifiers")
         tokens = check_tokens(read_token_array(args.tokens), cfg, args.tokens)
         logits = lm_logits(model, tokens, batch_size=args.batch_size)
-        if not np.isfinite(logits).all():
-            raise PredictError("the model gave NaN or inf logits; nothing written. With a bfloat16/float16 bundle, "
-                               "export it in float32 (export --dtype float32)")
-        save_array(args.output, logits)
+        save_finite(args.output, logits, "logits")
     except (PredictError, TokenInputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""Writing files that others will read: atomically (a temporary sibling renamed into place, so a
+"""Reading a user's `.npy` input with errors that say what the file is instead (`read_npy`), and writing
+files that others will read: atomically (a temporary sibling renamed into place, so a
 failure never leaves a half-written output) and with the permissions the user's umask gives a new
 file, not the 0600 / 0700 that `tempfile` uses for its private temporaries. Bundles and exported
 weights are meant to be shared."""
@@ -9,6 +10,8 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 
 def _umask() -> int:
@@ -63,3 +66,21 @@ def atomic_dir(directory: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_npy(path: str | os.PathLike, what: str, flag: str, error: type[Exception] = ValueError) -> np.ndarray:
+    """A `.npy` array, memory-mapped; `error(message)` when `path` is missing, a `.npz`, not NumPy, or unreadable.
+    `what` is what the array holds (e.g. 'int tokens [B, T]'), `flag` the option that takes it ('tokens')."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such file (expected a .npy array of {what})")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head[:4] == b"PK\x03\x04":
+        raise error(f"{path} is a .npz (zip) archive; --{flag} takes one .npy array (np.save, not np.savez)")
+    if head != b"\x93NUMPY":
+        raise error(f"{path} is not a .npy file (no NumPy header); save the {flag} with np.save")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise error(f"{path}: cannot read the .npy array: {e}") from e

@@ -30,7 +30,7 @@ from crate_jax.models.config import ConfigError
 from crate_jax.models.preprocess import normalize
 from crate_jax.parallel import sharding as sh
 from crate_jax.train import metrics as M
-from crate_jax.train.evaluation import eval_batch_size, every_of
+from crate_jax.train.evaluation import schedule_of
 
 ASSETS = Path(__file__).resolve().parents[1] / "eval" / "assets"
 RECALL_KS = (1, 5, 10)
@@ -203,8 +203,7 @@ class ZeroShotEvaluator:
     def __init__(self, name: str, spec, task, mesh):
         key = f"config.evals.{name}"
         self.name, self.spec, self.task = name, spec, _clip_task(task, key)
-        self.every = every_of(task.config, spec, key)
-        self.batch_size = eval_batch_size(task.config, spec, mesh, key)
+        self.every, self.batch_size = schedule_of(name, spec, task, mesh)
         if spec.get("source", "shards") not in ("shards", "tfds"):
             raise ConfigError(f"{key}.source: got {spec.get('source')!r}, expected 'shards' or 'tfds'")
         for field in ("classnames", "templates") + (("shards",) if spec.get("source", "shards") == "shards" else ()):
@@ -236,8 +235,7 @@ class RetrievalEvaluator:
     def __init__(self, name: str, spec, task, mesh):
         key = f"config.evals.{name}"
         self.name, self.spec, self.task = name, spec, _clip_task(task, key)
-        self.every = every_of(task.config, spec, key)
-        self.batch_size = eval_batch_size(task.config, spec, mesh, key)
+        self.every, self.batch_size = schedule_of(name, spec, task, mesh)
         if spec.get("source", "shards") != "shards" or not spec.get("shards"):
             raise ConfigError(f"{key}: retrieval reads webdataset shards: set source='shards' and shards=PATTERN")
 

@@ -62,6 +62,18 @@ def decode_image(data: bytes | np.ndarray) -> Image.Image:
     return load_rgb(open_image(data))
 
 
+def decode_record(record) -> tuple[Image.Image | None, dict | None]:
+    """`(image, None)` for a readable record, `(None, marker)` for one the reader already marked bad or
+    whose image does not decode; the marker `{'error', 'id'}` is what the loaders skip and count."""
+    ident = str(record.get("id", "?"))
+    if "error" in record:
+        return None, {"error": str(record["error"]), "id": ident}
+    try:
+        return decode_image(record["image"]), None
+    except DecodeError as e:
+        return None, {"error": str(e), "id": ident}
+
+
 def _array_to_pil(arr: np.ndarray) -> Image.Image:
     if arr.dtype != np.uint8:
         raise DecodeError(f"image array must be uint8, got {arr.dtype}")

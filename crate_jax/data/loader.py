@@ -39,7 +39,7 @@ from PIL import Image
 from crate_jax.data import augment, classification
 from crate_jax.data.batching import SkipCounter, pad_rows, stack_rows
 from crate_jax.data.classification import default_data_config, resolve_config
-from crate_jax.data.decode import DecodeError, decode_image
+from crate_jax.data.decode import decode_record
 
 __all__ = [
     "default_data_config",
@@ -76,13 +76,9 @@ class ImageRecordTransform:
     keep: tuple[str, ...] = ("label",)
 
     def __call__(self, record: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict[str, Any]:
-        ident = str(record.get("id", "?"))
-        if "error" in record:
-            return {"error": str(record["error"]), "id": ident}
-        try:
-            img = decode_image(record["image"])
-        except DecodeError as e:
-            return {"error": str(e), "id": ident}
+        img, bad = decode_record(record)
+        if bad is not None:
+            return bad
         out = {"image": self.image_fn(img, rng)}
         for key in self.keep:
             out[key] = record[key]

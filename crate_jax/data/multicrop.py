@@ -32,7 +32,7 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from crate_jax.data import classification
 from crate_jax.data.crops import inception_crop
-from crate_jax.data.decode import DecodeError, decode_image, to_array
+from crate_jax.data.decode import decode_record, to_array
 from crate_jax.data.loader import TrainIterator, resolve_config, to_iter_dataset, train_stream
 
 
@@ -123,13 +123,9 @@ class MultiCropTransform:
     augment: MultiCropAugment
 
     def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        ident = str(record.get("id", "?"))
-        if "error" in record:
-            return {"error": str(record["error"]), "id": ident}
-        try:
-            img = decode_image(record["image"])
-        except DecodeError as e:
-            return {"error": str(e), "id": ident}
+        img, bad = decode_record(record)
+        if bad is not None:
+            return bad
         return {**self.augment(img, rng), "label": record["label"]}
 
 

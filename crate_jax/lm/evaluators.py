@@ -16,7 +16,7 @@ from ml_collections import ConfigDict
 
 from crate_jax.lm.task import LMTask, next_token_nll
 from crate_jax.models.config import ConfigError
-from crate_jax.train.evaluation import eval_batch_size, every_of, global_batch, jit_on_model
+from crate_jax.train.evaluation import global_batch, jit_on_model, schedule_of
 
 
 def nll_sums(model, batch) -> dict:
@@ -36,8 +36,7 @@ class LMLossEvaluator:
             raise ConfigError(f"{key}: type 'lm_loss' evaluates a language model; this run's task is "
                               f"{type(task).__name__}")
         self.name, self.task, self.mesh = name, task, mesh
-        self.every = every_of(task.config, spec, key)
-        self.batch_size = eval_batch_size(task.config, spec, mesh, key)
+        self.every, self.batch_size = schedule_of(name, spec, task, mesh)
         self.split = spec.get("split", "val")
         mw = spec.get("max_windows", None)
         if mw is not None and (not isinstance(mw, int) or isinstance(mw, bool) or mw < 1):

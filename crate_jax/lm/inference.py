@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from crate_jax.checkpoint.files import read_npy
 from crate_jax.models.lm import LanguageModel, LMConfig
 
 
@@ -21,20 +22,8 @@ class TokenInputError(ValueError):
 
 
 def read_token_array(path: str | os.PathLike) -> np.ndarray:
-    """A `.npy` array (memory-mapped), with errors that say what the file is instead."""
-    path = Path(path)
-    if not path.is_file():
-        raise TokenInputError(f"{path}: no such file (expected a .npy array of int tokens [B, T])")
-    with open(path, "rb") as f:
-        head = f.read(6)
-    if head[:4] == b"PK\x03\x04":
-        raise TokenInputError(f"{path} is a .npz archive; --tokens takes one .npy array (np.save, not np.savez)")
-    if head != b"\x93NUMPY":
-        raise TokenInputError(f"{path} is not a .npy file (no NumPy header); save the tokens with np.save")
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise TokenInputError(f"{path}: cannot read the .npy array: {e}") from e
+    """`--tokens`: a `.npy` array (memory-mapped) of int tokens, TokenInputError naming the file otherwise."""
+    return read_npy(path, "int tokens [B, T]", "tokens", TokenInputError)
 
 
 def check_tokens(tokens: np.ndarray, cfg: LMConfig, source="tokens", *, windows: bool = False) -> np.ndarray:

@@ -35,7 +35,7 @@ from crate_jax.models.classifier import ImageClassifier
 from crate_jax.models.config import ConfigError
 from crate_jax.models.preprocess import normalize
 from crate_jax.models.self_distill import backbone_features
-from crate_jax.train.evaluation import eval_batch_size, every_of, global_batch
+from crate_jax.train.evaluation import global_batch, schedule_of
 
 PARAMS = ("student", "teacher")
 SPEC_KEYS = ("type", "every", "batch_size", "data", "train_split", "eval_split", "image_size", "params")
@@ -61,8 +61,7 @@ class ProbeData:
         if unknown:
             raise ConfigError(f"{key}: unknown keys {unknown}; known keys are {sorted(set(SPEC_KEYS) | set(extra_keys))}")
         self.name, self.task, self.mesh, self.loader = name, task, mesh, loader
-        self.every = every_of(task.config, spec, key)
-        self.batch_size = eval_batch_size(task.config, spec, mesh, key)
+        self.every, self.batch_size = schedule_of(name, spec, task, mesh)
         data = spec.get("data", None)
         base = dict(task.config.get("data", None) or {})
         if data is not None:

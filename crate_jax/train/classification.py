@@ -20,7 +20,7 @@ from crate_jax.models import ModelConfig, build_model, model_config
 from crate_jax.models.config import ConfigError
 from crate_jax.models.flops import train_flops
 from crate_jax.models.preprocess import normalize
-from crate_jax.train.evaluation import eval_batch_size, every_of, global_batch, jit_on_model
+from crate_jax.train.evaluation import global_batch, jit_on_model, schedule_of
 from crate_jax.train.mixup import mixup_cutmix
 from crate_jax.train.task import TaskBase
 from crate_jax.train.validate import known_keys, need_number
@@ -180,8 +180,7 @@ class ClassificationEvaluator:
             raise ConfigError(f"{key}: type 'classification' evaluates an image classifier; this run's task is "
                               f"{type(task).__name__}")
         self.name, self.task, self.mesh = name, task, mesh
-        self.every = every_of(task.config, spec, key)
-        self.batch_size = eval_batch_size(task.config, spec, mesh, key)
+        self.every, self.batch_size = schedule_of(name, spec, task, mesh)
         if "split" in spec and not spec.split:
             raise ConfigError(f"{key}.split is empty: name the split to evaluate (e.g. 'validation'), or drop the "
                               f"key to use config.data.eval_split")

@@ -77,6 +77,13 @@ def eval_batch_size(config: ConfigDict, spec: ConfigDict, mesh: Mesh, key: str) 
     return int(b)
 
 
+def schedule_of(name: str, spec: ConfigDict, task, mesh) -> tuple[int, int]:
+    """`(every, batch_size)` of evaluator `name` (`config.evals.NAME`): how often it runs and its checked
+    global batch, which every evaluator's constructor sets."""
+    key = f"config.evals.{name}"
+    return every_of(task.config, spec, key), eval_batch_size(task.config, spec, mesh, key)
+
+
 def every_of(config: ConfigDict, spec: ConfigDict, key: str) -> int:
     every = spec.get("every", None)
     every = config.get("eval_every", 0) if every is None else every

@@ -125,10 +125,10 @@ def progress_line(step: int, total: int, m: dict, eta_s: float) -> str:
             f"lr {m.get('train/lr', float('nan')):.3g} | {rate} | MFU {100 * mfu:.1f}% | ETA {format_eta(eta_s)}")
 
 
-def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a float32 n×n matmul on device 0, measured now (the MFU denominator per device)."""
+def measure_matmul_peak(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of an n×n matmul in `dtype` on device 0, measured now (the MFU denominator per device)."""
     import jax.numpy as jnp
-    x = jax.device_put(jnp.ones((n, n), jnp.float32), jax.local_devices()[0])
+    x = jax.device_put(jnp.ones((n, n), dtype), jax.local_devices()[0])
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
     best = float("inf")

@@ -37,6 +37,7 @@ import numpy as np
 
 from crate_jax.models.config import ConfigError
 from crate_jax.models.lm import LM_VARIANTS, LMConfig, lm_config
+from crate_jax.weights.layouts import flatten_tree
 from crate_jax.weights.readers import WeightsError, read_tensors
 
 LM_FORMATS = {"crate-gpt-torch": "crate_gpt", "gpt2-hf": "gpt2"}
@@ -247,7 +248,7 @@ def from_params(fmt: str, params: Mapping, cfg: LMConfig, *, buffers: bool = Tru
     problems = layout_problems(fmt, cfg)
     if problems:
         raise WeightsError(f"cannot export {describe(cfg)} to {fmt}: " + "; ".join(problems))
-    flat = {"/".join(path): np.asarray(v) for path, v in _flatten(params)}
+    flat = {"/".join(path): np.asarray(v) for path, v in flatten_tree(params)}
     out: dict[str, np.ndarray] = {}
     used = set()
     parts: dict[str, list] = {}
@@ -276,12 +277,6 @@ def from_params(fmt: str, params: Mapping, cfg: LMConfig, *, buffers: bool = Tru
     return out
 
 
-def _flatten(tree: Mapping, prefix=()):
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _flatten(value, prefix + (str(key),))
-        else:
-            yield prefix + (str(key),), value
 
 
 def import_lm_tensors(fmt: str, tensors: Mapping[str, np.ndarray], *, heads: int | None = None,

@@ -439,7 +439,7 @@ def to_params(fmt: str, tensors: Mapping[str, np.ndarray], cfg: ModelConfig, dty
 def from_params(fmt: str, params: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """The official flat dict of `fmt` from our nested tree (dtypes kept, bits unchanged).
     Every leaf of `params` must be used: leftovers mean the layout cannot hold the model."""
-    flat = {".".join(path): np.asarray(v) for path, v in _flatten(params)}
+    flat = {".".join(path): np.asarray(v) for path, v in flatten_tree(params)}
     out, used = {}, set()
     for rule in rules(fmt, cfg):
         if rule.ours not in flat:
@@ -466,9 +466,10 @@ def _set(tree: dict, dotted: str, value) -> None:
     tree[leaf] = value
 
 
-def _flatten(tree: Mapping, prefix=()):
+def flatten_tree(tree: Mapping, prefix=()):
+    """`(path tuple, leaf)` for every leaf of a nested mapping, depth first."""
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            yield from _flatten(value, prefix + (str(key),))
+            yield from flatten_tree(value, prefix + (str(key),))
         else:
             yield prefix + (str(key),), value
