@@ -47,6 +47,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Every numeric option finite and in range, before a model is loaded (`TokenInputError`, exit 2)."""
+    import math
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise TokenInputError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.max_new_tokens < 1:
+        raise TokenInputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.top_k < 0:
+        raise TokenInputError(f"--top-k must be >= 0 (0: no restriction), got {args.top_k}")
+    if args.num_samples < 1:
+        raise TokenInputError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise TokenInputError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.step is not None and args.step < 0:
+        raise TokenInputError(f"--step must be >= 0, got {args.step}")
+
+
 def _mib(n: int) -> str:
     return f"{n / 2 ** 20:.2f} MiB"
 
@@ -54,14 +71,13 @@ def _mib(n: int) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        check_options(args)
         cfg, model = load_lm(args.checkpoint, args.step)
         tok = BPETokenizer.load(find_tokenizer(args.checkpoint, args.tokenizer))
         if tok.vocab_size > cfg.vocab_size:
             raise TokenInputError(f"the tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size}; "
                                   f"pass the tokenizer the model was trained with (--tokenizer)")
         ids = tok.encode(args.prompt)
-        if args.num_samples < 1:
-            raise TokenInputError(f"--num-samples must be >= 1, got {args.num_samples}")
         prompt = np.tile(np.asarray(ids, np.int32)[None], (args.num_samples, 1))
         lm_decode.check_lengths(cfg, prompt.shape[1], args.max_new_tokens)
         t0 = time.perf_counter()

@@ -61,8 +61,12 @@ def to_rgb_uint8(img: np.ndarray, what: str) -> np.ndarray:
     if img.dtype == bool:
         img = img.astype(np.uint8) * 255
     elif np.issubdtype(img.dtype, np.floating):
-        lo, hi = float(np.nanmin(img)), float(np.nanmax(img))
-        if not np.isfinite(img).all() or lo < 0.0 or hi > 1.0:
+        bad = int(np.size(img) - np.isfinite(img).sum())
+        if bad:
+            raise ImageSourceError(f"{what}: {bad} of {img.size} values are NaN or infinite; an image needs finite "
+                                   f"RGB values (uint8 [0, 255], or float in [0, 1])")
+        lo, hi = float(img.min()), float(img.max())
+        if lo < 0.0 or hi > 1.0:
             raise ImageSourceError(f"{what}: float images must hold RGB values in [0, 1], got range [{lo:g}, {hi:g}]; "
                                    f"save uint8 [0, 255] or divide by 255")
         img = np.round(img * 255.0).astype(np.uint8)

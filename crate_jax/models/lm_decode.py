@@ -114,9 +114,11 @@ def check_lengths(cfg: LMConfig, prompt_len: int, max_new_tokens: int) -> None:
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if prompt_len + max_new_tokens > cfg.block_size:
+        room = cfg.block_size - prompt_len
+        fix = (f"lower max_new_tokens to {room} or shorten the prompt" if room >= 1 else
+               f"shorten the prompt to at most {cfg.block_size - 1} tokens (at least one new token must fit)")
         raise ConfigError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                          f"block size {cfg.block_size} (its learned positions end there); shorten the prompt or "
-                          f"lower max_new_tokens to {max(0, cfg.block_size - prompt_len)}")
+                          f"block size {cfg.block_size} (its learned positions end there); {fix}")
 
 
 @functools.lru_cache(maxsize=16)
