@@ -1,4 +1,4 @@
-"""Optimizer: the official CRATE-α construction (SPEC §7.1), plus Lion and parameter freezing.
+"""Optimizer: the official CRATE-α construction (docs/math.md §Optimizer), plus Lion and parameter freezing.
 
 `update = −lr · s(t) · (adam(g) + wd · θ)` with `g` clipped by global norm, weight decay only on
 parameters whose path matches `wd_mask` (the official `.*/kernel$`), and frozen parameters
@@ -35,7 +35,7 @@ def path_mask(params, pattern: str | None):
 
 
 def schedule(cfg: ConfigDict, total_steps: int):
-    """`s(t) = min(1, t/warmup) · (r + (1 − r)·½(1 + cos(π·progress)))`, `r = min_lr/lr` (SPEC §7.1);
+    """`s(t) = min(1, t/warmup) · (r + (1 − r)·½(1 + cos(π·progress)))`, `r = min_lr/lr` (docs/math.md §Optimizer);
     returns the learning rate `lr · s(t)`."""
     lr, warmup = float(cfg.lr), int(cfg.warmup_steps)
     r = float(cfg.get("min_lr", 0.0)) / lr if cfg.get("min_lr", 0.0) else 0.0
@@ -65,14 +65,64 @@ def wd_schedule(cfg: ConfigDict, total_steps: int):
     return fn
 
 
-def clip_per_parameter(max_norm: float) -> optax.GradientTransformation:
+QKV_FUSE = r".*/(query|key|value)/(?:kernel|bias)"  # DINO's fused `attn.qkv.{weight,bias}`
+
+
+def clip_groups(params, param_axes=None, fuse: list[str] | tuple[str, ...] = ()):
+    """`(group, stacked)` trees for `clip_per_parameter`. `stacked` is True where the parameter's first
+    logical axis is `layers` (blocks stored stacked over depth: each layer's slice is its own tensor).
+    `group` names the tensors that share one norm: the parameter's own path, or, where the path fully
+    matches a `fuse` regex, the path with the regex's first group cut out (so `.../query/kernel`,
+    `.../key/kernel` and `.../value/kernel` share one norm, as one fused qkv weight does)."""
+    rx = [re.compile(QKV_FUSE if f == "qkv" else f) for f in fuse]
+
+    def group(path, _):
+        name = path_str(path)
+        for r in rx:
+            m = r.fullmatch(name)
+            if m and m.groups() and m.group(1) is not None:
+                return f"{r.pattern}:{name[:m.start(1)]}*{name[m.end(1):]}"
+        return name
+    groups = jax.tree_util.tree_map_with_path(group, params)
+    if param_axes is None:
+        stacked = jax.tree.map(lambda _: False, params)
+    else:
+        stacked = jax.tree.map(lambda a: bool(a.names) and a.names[0] == "layers", param_axes,
+                               is_leaf=lambda x: hasattr(x, "names"))
+    by_group: dict[str, set] = {}
+    for g, st in zip(jax.tree.leaves(groups), jax.tree.leaves(stacked)):
+        by_group.setdefault(g, set()).add(st)
+    mixed = [g for g, v in by_group.items() if len(v) > 1]
+    if mixed:
+        raise ConfigError(f"config.optim.clip_fuse groups stacked and unstacked parameters together ({mixed[0]}); "
+                          f"make the regex match parameters of one block")
+    return groups, stacked
+
+
+def clip_per_parameter(max_norm: float, groups=None, stacked=None) -> optax.GradientTransformation:
     """DINO / SimDINO `utils.clip_gradients`: each parameter's gradient is scaled by
-    `min(1, max_norm / (‖g‖ + 1e-6))` on its own (not by the global norm)."""
+    `min(1, max_norm / (‖g‖ + 1e-6))` on its own (not by the global norm). A parameter stored stacked over
+    layers (`stacked`) is one tensor per layer, as in the official per-layer modules: its norm and scale are
+    taken per slice of the leading axis. Parameters of one `groups` name share a norm (a fused qkv)."""
     def clip(updates, params=None):
-        def one(g):
-            coef = max_norm / (jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))) + 1e-6)
-            return jnp.where(coef < 1.0, g * coef.astype(g.dtype), g)
-        return jax.tree.map(one, updates)
+        leaves, treedef = jax.tree.flatten(updates)
+        gs = jax.tree.leaves(groups) if groups is not None else [str(i) for i in range(len(leaves))]
+        st = jax.tree.leaves(stacked) if stacked is not None else [False] * len(leaves)
+
+        def sumsq(g, is_stacked):
+            sq = jnp.square(g.astype(jnp.float32))
+            return jnp.sum(sq, axis=tuple(range(1, g.ndim))) if is_stacked and g.ndim else jnp.sum(sq)
+        totals: dict[str, jax.Array] = {}
+        for g, name, s_ in zip(leaves, gs, st):
+            totals[name] = totals[name] + sumsq(g, s_) if name in totals else sumsq(g, s_)
+        out = []
+        for g, name, s_ in zip(leaves, gs, st):
+            coef = max_norm / (jnp.sqrt(totals[name]) + 1e-6)
+            coef = jnp.minimum(coef, 1.0)
+            if s_ and g.ndim:
+                coef = coef.reshape((-1,) + (1,) * (g.ndim - 1))
+            out.append(g * coef.astype(g.dtype))
+        return jax.tree.unflatten(treedef, out)
     return optax.stateless(clip)
 
 
@@ -85,10 +135,14 @@ def _scale_by_group(params, lr_mults: list[tuple[str, float]]) -> optax.Gradient
     return optax.stateless(lambda updates, _: jax.tree.map(lambda u, m: u * jnp.asarray(m, u.dtype), updates, mults))
 
 
-def build_optimizer(cfg: ConfigDict, params, total_steps: int) -> tuple[optax.GradientTransformation, callable]:
+def build_optimizer(cfg: ConfigDict, params, total_steps: int, param_axes=None
+                    ) -> tuple[optax.GradientTransformation, callable]:
     """Returns `(tx, lr_fn)`. `cfg` fields: name, lr, min_lr, warmup_steps, b1, b2, mu_dtype, wd, wd_mask,
-    clip, clip_mode ('global' norm, the default, or 'per_param'), freeze (list of regexes), lr_mults (list of
-    (regex, multiplier)), wd_end (cosine weight-decay schedule to this value)."""
+    clip, clip_mode ('global' norm, the default, or 'per_param': each parameter, and each layer of a
+    parameter stacked over layers, clipped on its own), clip_fuse (per_param: regexes, or 'qkv', whose
+    matches share one norm), freeze (list of regexes), lr_mults (list of (regex, multiplier)), wd_end (cosine
+    weight-decay schedule to this value). `param_axes` (a tree of `Axes` matching `params`) tells which
+    parameters are stacked over layers; without it every parameter counts as one tensor."""
     name = cfg.get("name", "adamw")
     if name not in OPTIMIZERS:
         raise ConfigError(f"config.optim.name: got {name!r}, expected one of {OPTIMIZERS}")
@@ -99,8 +153,12 @@ def build_optimizer(cfg: ConfigDict, params, total_steps: int) -> tuple[optax.Gr
     if clip_mode not in CLIP_MODES:
         raise ConfigError(f"config.optim.clip_mode: got {clip_mode!r}, expected one of {CLIP_MODES}")
     if cfg.get("clip"):
-        parts.append(optax.clip_by_global_norm(float(cfg.clip)) if clip_mode == "global"
-                     else clip_per_parameter(float(cfg.clip)))
+        if clip_mode == "global":
+            parts.append(optax.clip_by_global_norm(float(cfg.clip)))
+        else:
+            fuse = cfg.get("clip_fuse", None) or ()
+            fuse = [fuse] if isinstance(fuse, str) else list(fuse)
+            parts.append(clip_per_parameter(float(cfg.clip), *clip_groups(params, param_axes, fuse)))
     if name == "adamw":
         parts.append(optax.scale_by_adam(b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8),
                                          mu_dtype=mu_dtype))

@@ -32,7 +32,7 @@ def make_task(config: ConfigDict):
 
 def opt_state_shardings(tx, abstract_params, param_sh, mesh):
     """Shardings for the optimizer state: moments follow their parameter, scalars (step counts) are
-    replicated (the optax trap in stack-notes §2)."""
+    replicated: `tx.init` on sharded parameters would put the scalar step count on device 0 alone."""
     shapes = jax.eval_shape(tx.init, abstract_params)
     masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen parameters (optim.freeze) have no moments
     return optax.tree_map_params(tx, lambda v, s: v if masked(v) else s, shapes, param_sh,
@@ -72,7 +72,7 @@ class Setup:
         self.param_sh = sh.state_shardings(params_state, mesh)
         self.buffer_sh = sh.state_shardings(buffers_state, mesh)
         abstract_params = nnx.to_pure_dict(params_state)
-        self.tx, self.lr_fn = build_optimizer(config.optim, abstract_params, self.total_steps)
+        self.tx, self.lr_fn = build_optimizer(config.optim, abstract_params, self.total_steps, self.param_axes)
 
         state_sh = {"step": sh.replicated(mesh), "params": self.param_sh,
                     "opt_state": opt_state_shardings(self.tx, abstract_params, self.param_sh, mesh)}
