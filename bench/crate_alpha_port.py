@@ -1,4 +1,4 @@
-"""A straightforward unrolled JAX CRATE-α classifier (SPEC §2.1), the reference of
+"""A straightforward unrolled JAX CRATE-α classifier (docs/math.md §CRATE-α), the reference of
 `tests/test_compiled_bytes.py`.
 
 Written as the official big_vision model computes it, without any of our structure: one parameter
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class AlphaDims:
-    """CRATE-α-B/16 at 224 px by default (SPEC §2.3); dictionary 4d, η = λ = 0.1, LayerNorm eps 1e-6."""
+    """CRATE-α-B/16 at 224 px by default (docs/math.md §Sizes); dictionary 4d, η = λ = 0.1, LayerNorm eps 1e-6."""
 
     dim: int = 768
     depth: int = 12
@@ -66,7 +66,7 @@ def layer_norm(x, p, eps):
 
 
 def mssa(x, layer):
-    """q = k = v = x U (SPEC §2.1.5), softmax((w/sqrt(p)) wᵀ) per head, output map without bias."""
+    """q = k = v = x U (docs/math.md §MSSA), softmax((w/sqrt(p)) wᵀ) per head, output map without bias."""
     w = jnp.einsum("bnd,dkp->bnkp", x, layer["proj"])
     logits = jnp.einsum("bqkp,bskp->bkqs", w / jnp.sqrt(w.shape[-1]).astype(w.dtype), w)
     o = jnp.einsum("bkqs,bskp->bqkp", jax.nn.softmax(logits, axis=-1), w)
@@ -74,7 +74,7 @@ def mssa(x, layer):
 
 
 def odl(x, D, D1, eta, lmbda):
-    """Two ISTA steps from a zero code against `D`, decoded with `D1` (SPEC §2.1.6)."""
+    """Two ISTA steps from a zero code against `D`, decoded with `D1` (docs/math.md §ODL)."""
     z1 = jax.nn.relu(eta * jnp.einsum("pd,nlp->nld", D, x) - eta * lmbda)
     dz1 = jnp.einsum("dp,nlp->nld", D, z1)
     z2 = jax.nn.relu(z1 - eta * jnp.einsum("pd,nlp->nld", D, dz1 - x) - eta * lmbda)

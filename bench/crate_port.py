@@ -1,4 +1,4 @@
-"""A straightforward JAX port of the torch CRATE classifier (SPEC §1), the yardstick of `vs_official.py`.
+"""A straightforward JAX port of the torch CRATE classifier (docs/math.md §CRATE), the yardstick of `vs_official.py`.
 
 It is written the way a first port of `model/crate.py` would be: a dict of arrays in the torch layout
 (`Linear` weights `[out, in]`), one Python loop over the layers, textbook two-pass LayerNorms,
@@ -22,7 +22,7 @@ import optax
 
 @dataclasses.dataclass(frozen=True)
 class CrateDims:
-    """CRATE-T/16 at 224 px by default (SPEC §1.5); η = λ = 0.1, LayerNorm eps 1e-5."""
+    """CRATE-T/16 at 224 px by default (docs/math.md §Sizes); η = λ = 0.1, LayerNorm eps 1e-5."""
 
     dim: int = 384
     depth: int = 12
@@ -57,7 +57,7 @@ def _ln_init(dim):
 
 
 def init_params(key, dims: CrateDims) -> dict:
-    """torch-layout parameters (SPEC §1.6 names, flattened into nested dicts)."""
+    """torch-layout parameters (docs/weights.md §Layouts names, flattened into nested dicts)."""
     d = dims.dim
     keys = iter(jax.random.split(key, 4 + 3 * dims.depth))
     w_e, b_e = _linear_init(next(keys), d, dims.patch_dim)
@@ -82,7 +82,7 @@ def layer_norm(x, p, eps):
 
 
 def attention(h, layer, heads):
-    """MSSA (SPEC §1.2): q = k = v = h U, softmax over keys, output Linear with bias."""
+    """MSSA (docs/math.md §CRATE): q = k = v = h U, softmax over keys, output Linear with bias."""
     B, N, d = h.shape
     w = (h @ layer["qkv"].T).reshape(B, N, heads, d // heads).transpose(0, 2, 1, 3)  # [B, K, N, p]
     dots = w @ jnp.swapaxes(w, -1, -2) * (d // heads) ** -0.5
@@ -92,7 +92,7 @@ def attention(h, layer, heads):
 
 
 def ista(y, W, eta, lmbda):
-    """ISTA (SPEC §1.2): `ReLU(y + η (y W − (y Wᵀ) W) − ηλ)`, torch's F.linear order."""
+    """ISTA (docs/math.md §CRATE): `ReLU(y + η (y W − (y Wᵀ) W) − ηλ)`, torch's F.linear order."""
     x1 = y @ W.T
     grad_1 = x1 @ W
     grad_2 = y @ W

@@ -33,7 +33,7 @@ SIZE = dict(crate_gpt="crate", crate_alpha="B", gpt2="gpt2")  # all 12 layers ×
 
 
 def config(model: str, batch: int, block: int, dtype: str, remat: str):
-    from configs import lm
+    from crate_jax.configs import lm
     c = lm.get_config(f"model={model},variant={SIZE[model]},vocab=50257,block={block},batch={batch},steps=1000,"
                       f"dtype={dtype},remat={remat}")
     c.evals = {}

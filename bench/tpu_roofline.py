@@ -7,10 +7,13 @@
 
 The real sharded train step is compiled for the slice's chips as `crate_jax.aot` does; the TPU
 compiler's cost analysis gives one chip's FLOPs and HBM bytes per step. The roofline bound of the step
-is `max(FLOPs / peak FLOP/s, bytes / HBM bandwidth)` per chip, with the chip's published bf16 peak and
-bandwidth. It is an estimate: it ignores collectives (all-gathers of FSDP shards, gradient
-reduce-scatters), assumes every matmul runs at peak, and XLA's byte count is its own model of HBM
-traffic, not a measurement. The achievable step time is above the bound.
+is `max(FLOPs / peak FLOP/s, bytes / HBM bandwidth, interconnect bytes / ICI bandwidth)` per chip, with
+the chip's published bf16 peak, HBM and ICI bandwidths (`crate_jax.parallel.hlo_cost.CHIPS`), assuming the
+three overlap; it names the term that binds. The interconnect bytes are those of the step's collectives
+(ring algorithms, `hlo_cost.Charge.wire_bytes`), read from the compiled program. It is an estimate:
+every matmul at peak, every link busy, and XLA's byte count is its own model of HBM traffic, not a
+measurement. The achievable step time is above the bound. `--breakdown` prints the top ops by bytes and
+FLOPs with their source lines, and the collectives.
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Published per-chip figures: dense bf16 FLOP/s and HBM bytes/s.
-CHIPS = {"v4": (275e12, 1228e9), "v5e": (197e12, 819e9), "v5p": (459e12, 2765e9), "v6e": (918e12, 1640e9)}
 
 
 def _unroll(model_cfg) -> list[str]:
@@ -45,9 +46,11 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="configs/imagenet21k.py:variant=L/14")
     ap.add_argument("--topology", default="v5p-128")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    ap.add_argument("--breakdown", action="store_true", help="print the top ops by bytes / FLOPs and the collectives")
     args = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from crate_jax import aot
+    from crate_jax.parallel import hlo_cost
     from crate_jax.parallel.mesh import make_mesh
     from crate_jax.train import config_cli
     from crate_jax.train.setup import Setup
@@ -67,9 +70,11 @@ def main(argv=None) -> int:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops, hbm = float(cost["flops"]), float(cost["bytes accessed"])
-    peak, bw = CHIPS[target.generation]
-    t_compute, t_memory = flops / peak, hbm / bw
-    bound = max(t_compute, t_memory)
+    peak, bw, ici = hlo_cost.CHIPS[target.generation]
+    wire = hlo_cost.Breakdown.of(compiled).wire_bytes
+    roof = hlo_cost.Roofline(flops, hbm, wire, target.generation)
+    t_compute, t_memory, t_comm = (roof.times[k] for k in ("compute", "memory", "communication"))
+    bound = roof.bound_s
     analytic = float(setup.task.flops_per_example()) * setup.global_batch_size / len(devices)
     mem = compiled.memory_analysis()
     print(f"{args.config} on {target.name} ({len(devices)} chips, mesh {dict(mesh.shape)}), global batch "
@@ -79,12 +84,15 @@ def main(argv=None) -> int:
           f"{hbm / 1e9:.1f} GB of HBM traffic; arithmetic intensity {flops / hbm:.0f} FLOP/byte "
           f"(ridge point of {target.generation}: {peak / bw:.0f})")
     print(f"  roofline: compute {1e3 * t_compute:.0f} ms at {peak / 1e12:.0f} TFLOP/s, memory {1e3 * t_memory:.0f} ms at "
-          f"{bw / 1e9:.0f} GB/s -> step >= {1e3 * bound:.0f} ms ({'compute' if t_compute >= t_memory else 'memory'}"
-          f"-bound), >= {setup.global_batch_size / bound:,.0f} examples/s over the slice; MFU at the bound "
+          f"{bw / 1e9:.0f} GB/s, communication {1e3 * t_comm:.0f} ms ({wire / 1e9:.2f} GB per chip at {ici / 1e9:.0f} "
+          f"GB/s ICI) -> step >= {1e3 * bound:.0f} ms ({roof.binding}-bound, the three assumed to overlap), "
+          f">= {setup.global_batch_size / bound:,.0f} examples/s over the slice; MFU at the bound "
           f"{100 * analytic / peak / bound:.0f}% (analytic FLOPs)")
     if mem is not None:
         print(f"  per-chip memory: arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB, temporaries "
               f"{mem.temp_size_in_bytes / 2**30:.2f} GiB")
+    if args.breakdown:
+        print(aot.breakdown_text(compiled, target.generation))
     return 0
 
 

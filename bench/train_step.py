@@ -22,7 +22,7 @@ from crate_jax.train.metrics import measure_matmul_peak
 
 
 def config(model: str, variant: str, res: int, batch: int, dtype: str, remat: str):
-    from configs.common import base_config
+    from crate_jax.configs.common import base_config
     from ml_collections import ConfigDict
     from crate_jax.data import loader
     c = base_config()

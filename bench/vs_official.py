@@ -25,7 +25,7 @@ Sides:
   parameter norms and the finite flag as metrics).
 * `baseline`: the same from the code at `--baseline-code`.
 * `official`: CRATE-α from `--alpha-repo` (`models/crate.py`, train=True), the official optimizer
-  chain (SPEC §7.1: clip 1.0 → scale_by_adam(0.9, 0.95) → weight decay 0.1 on `.../kernel` → lr →
+  chain (docs/math.md §Optimizer: clip 1.0 → scale_by_adam(0.9, 0.95) → weight decay 0.1 on `.../kernel` → lr →
   schedule → −1), the official measurements (l2 norms of gradients, parameters, updates), one jit.
 * `port`: the plain JAX port of torch CRATE (`bench/crate_port.py`) with the same optimizer work.
 * `torch`: torch CRATE from `--crate-repo` (`model/crate.py`), cross-entropy, `backward()`,

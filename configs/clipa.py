@@ -1,14 +1,14 @@
-"""CLIPA image-text training with a CRATE-α image tower (SPEC.md §3, §7.4, §7.5).
+"""CLIPA image-text training with a CRATE-α image tower (docs/math.md §CLIPA; docs/clipa.md §Recipes).
 
 Two stages, one file:
 
-* `stage=pretrain` (SPEC §7.4): 84 px images (6×6 patches + cls at L/14) and 32-token captions,
+* `stage=pretrain` (docs/clipa.md §Recipes): 84 px images (6×6 patches + cls at L/14) and 32-token captions,
   global batch 32,768, 78,196 steps, lr 1.024e-3 with 1,600 warm-up steps and cosine decay to 0,
   wd 0.2 on kernels only, Adam(0.9, 0.95) with a bfloat16 first moment, grad-clip 1.0, global-batch
   contrastive loss. The text tower (H: 1024 wide, 24 deep) and the temperature are **frozen** and
   come from an existing two-tower checkpoint (`init=`; everything under `img/` stays freshly
   initialised). Only the image tower trains.
-* `stage=finetune` (SPEC §7.5): 224 px, 15,639 steps, lr 5.12e-5, 800 warm-up steps, initialised
+* `stage=finetune` (docs/clipa.md §Recipes): 224 px, 15,639 steps, lr 5.12e-5, 800 warm-up steps, initialised
   from the pre-training run (`init=` its workdir) with the image position embedding interpolated
   along the flattened token axis (CLIPA's 1-D mode, 37 → 257 rows; `posemb=2d` for the grid mode).
 
@@ -47,9 +47,9 @@ import os
 
 from ml_collections import ConfigDict
 
-from configs.common import base_config, parse_args
+from crate_jax.configs.common import base_config, parse_args
 
-STAGES = {  # SPEC §7.4 / §7.5
+STAGES = {  # docs/clipa.md §Recipes
     "pretrain": dict(res=84, steps=78_196, lr=1.024e-3, warmup=1_600),
     "finetune": dict(res=224, steps=15_639, lr=5.12e-5, warmup=800),
 }
@@ -76,7 +76,7 @@ def get_config(arg: str = ""):
 
     big = a.width == 0 and a.variant.split("/")[0] in ("L", "H", "g", "G", "e")
     image = dict(name=a.model, variant=a.variant, dtype="bfloat16" if big else "float32",
-                 remat="full" if big else "none", scan=big)  # full per-block remat (SPEC §3.1)
+                 remat="full" if big else "none", scan=big)  # full per-block remat (docs/math.md §CLIPA)
     image.update({k: v for k, v in dict(width=a.width, depth=a.depth, num_heads=a.heads).items() if v})
     text = dict(variant=a.text, model=a.text_model, vocab_size=a.vocab_size, pool=a.text_pool, pad_mask=a.pad_mask,
                 dtype="bfloat16" if big else "float32", scan=a.text in ("L", "H"))

@@ -1,4 +1,4 @@
-"""CRATE (the original white-box transformer) on ImageNet-1K, following the CRATE repo (SPEC.md §1.7).
+"""CRATE (the original white-box transformer) on ImageNet-1K, following the CRATE repo (docs/vision.md §Recipes).
 
 RandomResizedCrop(224) + flip, label-smoothing 0.1, 20 warm-up epochs then cosine; no gradient clipping.
 The README command for CRATE-T uses Lion (lr 2e-4, wd 0.05, batch 512, 200 epochs) — `opt=lion`; the
@@ -12,7 +12,7 @@ Args: variant (T/S/B/L), opt=lion|adamw, pool=cls|mean, res, batch, epochs, data
 
 from ml_collections import ConfigDict
 
-from configs.common import base_config, parse_args
+from crate_jax.configs.common import base_config, parse_args
 
 
 def get_config(arg: str = ""):

@@ -9,7 +9,7 @@ train/test split (80/20) is fixed by `data.split_seed`, independent of the train
 
 from ml_collections import ConfigDict
 
-from configs.common import parse_args, base_config
+from crate_jax.configs.common import parse_args, base_config
 
 
 def get_config(arg: str = ""):

@@ -1,4 +1,4 @@
-"""CRATE-α ImageNet-1K fine-tuning from an ImageNet-21K checkpoint (SPEC.md §7.3).
+"""CRATE-α ImageNet-1K fine-tuning from an ImageNet-21K checkpoint (docs/vision.md §Recipes).
 
 1000 classes, 224 px, lr 1e-5 × 16 = 1.6e-4 → 1e-6 cosine, 10 warm-up epochs, 91 epochs, RandAugment(2, 9)
 after the flip, one-hot on 0.9 / off 1e-4 (big_vision's label smoothing), mixup/cutmix. The head is
@@ -13,7 +13,7 @@ Args: variant, model, res, batch, epochs, init (bundle dir or training workdir),
 
 from ml_collections import ConfigDict
 
-from configs.common import base_config, parse_args
+from crate_jax.configs.common import base_config, parse_args
 
 
 def get_config(arg: str = ""):

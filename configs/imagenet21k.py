@@ -1,4 +1,4 @@
-"""CRATE-α ImageNet-21K pre-training (SPEC.md §7.2).
+"""CRATE-α ImageNet-21K pre-training (docs/vision.md §Recipes).
 
 19,167 classes (winter-2021 release, a TFDS `imagenet21k` prepared in DATA_DIR), 224 px, batch 4096,
 lr 5e-5 × 4096/256 = 8e-4 → 1e-6 cosine, 10 warm-up epochs, 91 epochs, wd 0.1 on kernels only,
@@ -7,7 +7,7 @@ Adam(0.9, 0.95) with a bf16 first moment, clip 1.0, mixup/cutmix every step, Inc
     python -m crate_jax.train --config configs/imagenet21k.py:variant=B/16,data_dir=gs://BUCKET/tfds \\
         --workdir gs://BUCKET/runs/crate_alpha_b16_in21k
     # TPU pod (see launch/README.md):
-    python launch/tpu_vm.py run --name crate-in21k --zone us-east5-a --project PROJECT --accelerator-type v5p-128 \\
+    python launch/tpu_vm.py run crate-in21k --zone us-east5-a --project PROJECT --accelerator-type v5p-128 \\
         --config configs/imagenet21k.py:variant=L/14,data_dir=gs://BUCKET/tfds --workdir gs://BUCKET/runs/l14_in21k
 
 Args: variant (default L/14), model=crate_alpha|crate|vit, res, batch, epochs, data_dir, fsdp, tensor.
@@ -15,7 +15,7 @@ Args: variant (default L/14), model=crate_alpha|crate|vit, res, batch, epochs, d
 
 from ml_collections import ConfigDict
 
-from configs.common import base_config, parse_args
+from crate_jax.configs.common import base_config, parse_args
 
 
 def get_config(arg: str = ""):
@@ -24,7 +24,7 @@ def get_config(arg: str = ""):
     c = base_config()
     c.res = a.res
     c.model = ConfigDict(dict(name=a.model, variant=a.variant, num_classes=19_167, dtype="bfloat16", remat="full",
-                              scan=True))  # the winter-2021 release (SPEC §7.2)
+                              scan=True))  # the winter-2021 release (docs/vision.md §Recipes)
     c.data = ConfigDict(dict(source="tfds", name="imagenet21k", data_dir=a.data_dir or None,
                              train_split="train[:100%]", eval_split=None, augment="inception_crop", area_min=8,
                              flip=True, randaug=None))

@@ -1,7 +1,8 @@
-"""White-box language models on OpenWebText: CRATE-GPT (SPEC §5), the CRATE-α LM, and the GPT-2 baseline.
+"""White-box language models on OpenWebText: CRATE-GPT, the CRATE-α LM, and the GPT-2 baseline
+(docs/math.md §Language models).
 
 The defaults are the nanoGPT OpenWebText recipe, the one CRATE pull request #13 trains CRATE-GPT with
-("Training uses the nanoGPT scripts", SPEC §5). Sources, each number:
+(it has no training script of its own). Sources, each number:
 
 * AdamW β = (0.9, 0.95), weight decay 0.1 on every ≥ 2-D parameter (embeddings, kernels, the ISTA /
   ODL dictionaries; not biases and LayerNorms), peak lr 6e-4, 2,000 linear warm-up steps, cosine to
@@ -46,7 +47,7 @@ tensor:N for `fsdp=-1, tensor=N`).
 
 from ml_collections import ConfigDict
 
-from configs.common import base_config, parse_args
+from crate_jax.configs.common import base_config, parse_args
 
 
 def get_config(arg: str = ""):

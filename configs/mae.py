@@ -1,9 +1,9 @@
-"""CRATE-MAE masked-autoencoder pre-training on ImageNet-1K (SPEC.md §4; Pai et al., "Masked Completion via
+"""CRATE-MAE masked-autoencoder pre-training on ImageNet-1K (docs/math.md §CRATE-MAE; Pai et al., "Masked Completion via
 Structured Diffusion with White-Box Transformers", ICLR 2024, arXiv 2404.02446).
 
 Sources, and what each fixes:
 
-* the official model code, `Ma-Lab-Berkeley/CRATE` `model/crate_ae/*` (SPEC §4): the architecture and
+* the official model code, `Ma-Lab-Berkeley/CRATE` `model/crate_ae/*` (docs/math.md §CRATE-MAE): the architecture and
   presets (`mae_crate_{tiny,small,base,large}`: encoder = decoder width / depth / heads, patch 16,
   λ = 0.5), the mask ratio 0.75, the loss on removed patches, `norm_pix_loss`;
 * the CRATE repository ships **no** CRATE-MAE training script, and the paper's appendix could not be read
@@ -19,7 +19,7 @@ bicubic RandomResizedCrop.
 
     python -m crate_jax.train --config configs/mae.py:variant=B/16,data_dir=gs://BUCKET/tfds \\
         --workdir gs://BUCKET/runs/crate_mae_b16
-    python launch/tpu_vm.py run --name crate-mae --zone us-east5-a --project PROJECT --accelerator-type v5p-64 \\
+    python launch/tpu_vm.py run crate-mae --zone us-east5-a --project PROJECT --accelerator-type v5p-64 \\
         --config configs/mae.py:variant=B/16,data_dir=gs://BUCKET/tfds --workdir gs://BUCKET/runs/crate_mae_b16
 
 Args: variant (T/S/B/L, patch after '/'), res, batch, epochs, steps (overrides epochs), blr, mask_ratio,
@@ -28,7 +28,7 @@ norm_pix (1/0), source (tfds | digits | mnist), name, data_dir, fsdp, tensor, dt
 
 from ml_collections import ConfigDict
 
-from configs.common import base_config, parse_args
+from crate_jax.configs.common import base_config, parse_args
 
 
 def get_config(arg: str = ""):

@@ -2,8 +2,8 @@
 
 Two modes share one set of arguments:
 
-* `mode=in21k` — the real grid: ImageNet-21K pre-training (SPEC §7.2), and with `stage=finetune`
-  ImageNet-1K fine-tuning from a pre-trained checkpoint (SPEC §7.3), 224 px.
+* `mode=in21k` — the real grid: ImageNet-21K pre-training (docs/vision.md §Recipes), and with `stage=finetune`
+  ImageNet-1K fine-tuning from a pre-trained checkpoint (docs/vision.md §Recipes), 224 px.
 * `mode=digits` — the same grid shrunk to run on two CPU cores: scikit-learn's digits at 16 px,
   patch 4 or 8, each size letter mapped to a small width/depth (`DIGITS_SIZES`), ~100 steps.
 
@@ -43,13 +43,13 @@ TFLOP per chip per step; L/8 fine-tuning at batch 4096: 88.9 GiB, tight):
 
 from ml_collections import ConfigDict
 
-from configs.common import base_config, parse_args
+from crate_jax.configs.common import base_config, parse_args
 
 # Size letter -> (width, depth, heads) for the digits mode: the same ordering as the real sizes,
 # small enough for ~100 steps in well under a minute on a CPU.
 DIGITS_SIZES = {"Ti": (32, 2, 2), "S": (48, 3, 3), "B": (64, 4, 4), "L": (96, 4, 4)}
 
-# ImageNet-21K, winter-2021 release (the one the official configs read): 19,167 classes (SPEC §7.2),
+# ImageNet-21K, winter-2021 release (the one the official configs read): 19,167 classes (docs/vision.md §Recipes),
 # ~13.15 M images (an approximate public figure; it only sets the schedule length, so pass `steps=`
 # to pin it). ImageNet-1K train has 1,281,167 images.
 IN21K_CLASSES, IN21K_IMAGES = 19_167, 13_153_500
@@ -136,7 +136,7 @@ def _imagenet(c, a, variant):
         images, epochs, lr = IN1K_IMAGES, 91, 1.6e-4
         c.loss.update(on_value=0.9, off_value=1e-4)
         c.init.update(checkpoint=a.init, dont_load=r"head/.*", posemb_resample="2d")
-    c.loss.mixup.enabled = True  # on-device mixup / cutmix every step in both stages (SPEC §7.2, §7.3)
+    c.loss.mixup.enabled = True  # on-device mixup / cutmix every step in both stages (docs/vision.md §Recipes)
     steps_per_epoch = images / c.batch_size
     c.total_steps = int(a.steps) or int(epochs * steps_per_epoch)
     c.optim.update(name="adamw", lr=lr, min_lr=1e-6, warmup_steps=int(10 * steps_per_epoch), b1=0.9, b2=0.95,

@@ -34,7 +34,7 @@ import os
 
 from ml_collections import ConfigDict
 
-from configs.common import base_config, parse_args
+from crate_jax.configs.common import base_config, parse_args
 
 DATASETS = {  # name -> (TFDS name, train split, eval split, lr, epochs)
     "cifar10": ("cifar10", "train", "test", 5e-5, 200),

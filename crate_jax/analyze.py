@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images",
                    help=f"folder of images, .npy array, or sample set ({', '.join(sorted(samples.SAMPLE_SETS))})")
     p.add_argument("--tokens", help="language models: .npy int tokens [M, T] (or a 1-D stream, cut into blocks)")
-    p.add_argument("--out", required=True, help="output directory (created; existing files are overwritten)")
+    p.add_argument("--out", required=True, help="output directory (created; an earlier analysis there is replaced "
+                   "once the new one is complete; a folder of other files is refused)")
     p.add_argument("--max-images", type=int, default=None, help="measure at most this many images")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--layers", default=None, help="comma-separated layer indices for analysis.json (default all)")
@@ -131,22 +132,22 @@ def _write_json(path: Path, obj) -> None:
 
 
 def load_classifier(directory: str):
-    """`(cfg, model)` from a bundle directory, with errors that name the directory."""
-    from crate_jax.checkpoint.bundle import load_bundle
-    from crate_jax.models import ModelConfig
+    """`(cfg, model)` of an image classifier (`crate_jax.load`: a bundle, training workdir or exported
+    directory; a SimDINO student / teacher: its backbone), with errors that name the directory."""
+    from crate_jax.checkpoint import models
+    from crate_jax.models import registry
 
     path = Path(directory)
     if not path.is_dir():
         raise AnalyzeError(f"checkpoint directory {directory} does not exist (expected a bundle written by "
                            f"crate_jax.convert or crate_jax.export: model.json + params/)")
-    cfg, model = load_bundle(path)
-    from crate_jax.models.self_distill import SelfDistillConfig
-    if isinstance(cfg, SelfDistillConfig):  # a SimDINO student / teacher bundle: analyse its backbone
-        cfg, model = cfg.backbone, model.backbone
-    if not isinstance(cfg, ModelConfig):
-        raise AnalyzeError(f"{directory} holds a {type(cfg).__name__}, not an image classifier; analyze needs a "
-                           f"CRATE, CRATE-α or ViT classifier bundle (or a SimDINO bundle: its backbone)")
-    return cfg, model
+    cfg = models.config_of(path)
+    detachable = registry.lookup(registry.kind_of(cfg)).backbone is not None
+    try:
+        return models.load(path, kind="classifier", backbone=detachable)
+    except models.KindError as e:
+        raise AnalyzeError(f"{e}; analyze needs a CRATE, CRATE-α or ViT classifier (or a SimDINO model: its "
+                           f"backbone)") from e
 
 
 def per_image_pictures(model, images: samples.ImageSet, out_dir: Path, args) -> list[Path]:
@@ -245,7 +246,7 @@ def run(args) -> dict:
                               title=f"{cfg.model} {cfg.variant} · {len(images)} image(s) from {args.images}")
     files += per_image_pictures(model, images, out, args)
     print(format_rows(rows))
-    _log(f"wrote {len(files)} files to {out} in {time.perf_counter() - t0:.1f} s")
+    _log(f"wrote {len(files)} files in {time.perf_counter() - t0:.1f} s")
     single = len(images) == 1  # a standard deviation over one image is undefined, not a failure
     bad = [f"layer {r['layer']} {k}" for r in rows + (init_rows or []) for k, v in r.items()
            if isinstance(v, float) and not math.isfinite(v) and not (single and k.endswith("_std"))]
@@ -255,19 +256,24 @@ def run(args) -> dict:
 def run_tokens(args) -> dict:
     """`--tokens`: the per-layer measurements of a language-model bundle on token sequences."""
     from crate_jax.analysis.lm_measure import measure_lm
-    from crate_jax.checkpoint.bundle import load_bundle
+    from crate_jax.checkpoint import models
     from crate_jax.lm.inference import TokenInputError, check_tokens, read_token_array
-    from crate_jax.models.lm import LMConfig, build_lm
+    from crate_jax.models import registry
 
     t0 = time.perf_counter()
     if not Path(args.checkpoint).is_dir():
         raise AnalyzeError(f"checkpoint directory {args.checkpoint} does not exist (expected a bundle)")
-    cfg, model = load_bundle(args.checkpoint)
-    if not isinstance(cfg, LMConfig):
-        raise AnalyzeError(f"{args.checkpoint} holds a {type(cfg).__name__}; --tokens needs a language-model bundle "
-                           f"(use --images for image classifiers)")
     try:
-        tokens = check_tokens(read_token_array(args.tokens), cfg, args.tokens, windows=True)
+        cfg, model = models.load(args.checkpoint, kind=("lm", "bert"))
+    except models.KindError as e:
+        raise AnalyzeError(f"{e}; --tokens needs a language-model bundle (use --images for image models)") from e
+    try:
+        encoder = registry.kind_of(cfg) == "bert"  # masked-LM rows: padding excluded (crate_jax.mlm.measure)
+        if encoder:
+            from crate_jax.mlm.measure import check_rows, measure_bert as measure_lm
+            tokens = check_rows(read_token_array(args.tokens), cfg, args.tokens)
+        else:
+            tokens = check_tokens(read_token_array(args.tokens), cfg, args.tokens, windows=True)
         layers = measure.check_layers(parse_layers(args.layers), cfg.depth)
     except (TokenInputError, ValueError) as e:
         raise AnalyzeError(str(e)) from e
@@ -283,7 +289,7 @@ def run_tokens(args) -> dict:
     _write_json(out / "analysis.json", rows)
     init_rows = None
     if args.compare_init:
-        init_rows = measure_lm(build_lm(cfg, args.init_seed), tokens, **kw)
+        init_rows = measure_lm(registry.build(cfg, args.init_seed), tokens, **kw)
         _write_json(out / "analysis_init.json", init_rows)
         files.append(out / "analysis_init.json")
     from crate_jax.analysis import lm_measure
@@ -296,21 +302,36 @@ def run_tokens(args) -> dict:
                               official_eps_sq=args.official_eps_sq,
                               title=f"{cfg.model} {cfg.variant} · {tokens.shape[0]} sequence(s) from {args.tokens}")
     print(format_rows(rows))
-    _log(f"wrote {len(files)} files to {out} in {time.perf_counter() - t0:.1f} s")
+    _log(f"wrote {len(files)} files in {time.perf_counter() - t0:.1f} s")
     single = tokens.shape[0] == 1
     bad = [f"layer {r['layer']} {k}" for r in rows + (init_rows or []) for k, v in r.items()
            if isinstance(v, float) and not math.isfinite(v) and not (single and k.endswith("_std"))]
     return {"rows": rows, "files": files, "nonfinite": bad}
 
 
+def check_out(args) -> None:
+    """`--out`, checked before any model is loaded: a directory (not a file, not under a file) that holds
+    none of the inputs and is new, empty or an earlier analysis (meta.json)."""
+    from crate_jax.checkpoint.outputs import check_destination, check_output
+    inputs = [args.checkpoint, args.tokens] + ([args.images] if args.images and Path(args.images).exists() else [])
+    check_output(args.out, inputs, flag="out")
+    check_destination(args.out, directory=True, overwrite=True, flag="out", marker="meta.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from crate_jax import errors
     from crate_jax.checkpoint.bundle import BundleError
+    from crate_jax.checkpoint.outputs import atomic_output_dir
     from crate_jax.models import ConfigError
 
     try:
-        result = run(args)
-    except (AnalyzeError, ImageSourceError, BundleError, ConfigError) as e:
+        check_out(args)
+        # written to a temporary sibling and swapped in whole: a failure or a kill leaves the earlier analysis
+        with atomic_output_dir(args.out, overwrite=True) as tmp:
+            result = run(argparse.Namespace(**{**vars(args), "out": str(tmp)}))
+        _log(f"output: {args.out}")
+    except (AnalyzeError, ImageSourceError, BundleError, ConfigError, errors.UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result["nonfinite"]:
@@ -322,4 +343,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from crate_jax import errors
+    errors.exit_with(main)

@@ -2,13 +2,16 @@
 
     python -m crate_jax.aot --config configs/FILE.py:ARGS [--config.KEY=VALUE ...] --topology v5p-128
     python -m crate_jax.aot --config configs/FILE.py:ARGS --topology v5p-128 --simulate
+    python -m crate_jax.aot --config configs/FILE.py:ARGS --topology v5p-128 --breakdown
 
 With `libtpu` installed (the `aot` extra), `jax.experimental.topologies.get_topology_desc` describes
 the slice's chips; the config's mesh is laid over them and `Setup(config, mesh).compile()` runs the
 TPU compiler offline. The report gives per-chip memory (arguments, outputs, temporaries) against the
 chip's HBM and the FLOPs per step. `--simulate` compiles the same sharded step for a CPU mesh of the
 same number of devices instead: a CPU-compiled *estimate* (different fusion, layouts and precision
-handling), for machines without libtpu.
+handling), for machines without libtpu. `--breakdown` adds where the step's bytes, FLOPs and collectives
+go, op by op and source line by source line (`crate_jax.parallel.hlo_cost`), and a roofline bound with a
+communication term (max of compute, memory and interconnect time, naming the one that binds).
 
 Nothing touches training data: the class count comes from `config.model.num_classes` when the config
 sets it (or from `--num-classes N`), and a config without `total_steps` is compiled with
@@ -114,6 +117,7 @@ class AotReport:
     analytic_flops: float | None
     compile_s: float
     compiler_error: str | None = None  # the TPU compiler's out-of-memory message
+    breakdown: str | None = None  # hlo_cost's per-op / per-source text, with --breakdown
     loops: tuple[str, ...] = ()  # loops in the step (e.g. "microbatches=4"), which XLA's cost analysis counts once
 
     @property
@@ -161,6 +165,8 @@ class AotReport:
             lines.append(f"FLOPs per step (analytic, 3 x forward matmuls + attention): "
                          f"{_flop(self.analytic_flops / self.devices)} per chip, {_flop(self.analytic_flops)} over "
                          f"the slice")
+        if self.breakdown:
+            lines.append(self.breakdown)
         return "\n".join(lines)
 
 
@@ -195,7 +201,23 @@ def _flops(compiled) -> float | None:
     return float(cost["flops"])
 
 
-def compile_report(config, devices, *, target: str, backend: str, estimate: bool, hbm_bytes: int) -> AotReport:
+def breakdown_text(compiled, generation: str | None) -> str:
+    """The per-op breakdown of a compiled step, with XLA's own totals beside the model's and, for a TPU
+    generation, the roofline bound with its communication term."""
+    from crate_jax.parallel import hlo_cost
+    b = hlo_cost.Breakdown.of(compiled)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla = (f"XLA cost analysis: {float(cost.get('bytes accessed', 0)) / 1e9:.3f} GB, "
+           f"{float(cost.get('flops', 0)) / 1e12:.3f} TFLOP per chip" if cost else "XLA cost analysis: none")
+    lines = [f"breakdown (model: operands + result of each top-level op; {xla})", b.text()]
+    if generation in hlo_cost.CHIPS:
+        lines.append(hlo_cost.Roofline(b.flops, b.bytes, b.wire_bytes, generation).text())
+    return "\n".join(lines)
+
+
+def compile_report(config, devices, *, target: str, backend: str, estimate: bool, hbm_bytes: int,
+                   breakdown: bool = False, generation: str | None = None) -> AotReport:
     """Builds the mesh from `config.mesh` over `devices`, compiles `Setup(config, mesh)`'s train step and
     measures it. `config` must already be data-free (see `offline_config`)."""
     from crate_jax.parallel.mesh import make_mesh
@@ -244,10 +266,11 @@ def compile_report(config, devices, *, target: str, backend: str, estimate: bool
         raise RuntimeError(f"the {backend} compiler reported no memory analysis")
     return AotReport(**common, arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
                      aliased=mem.alias_size_in_bytes, temporaries=mem.temp_size_in_bytes,
-                     code=mem.generated_code_size_in_bytes, flops_per_device=_flops(compiled), compile_s=compile_s)
+                     code=mem.generated_code_size_in_bytes, flops_per_device=_flops(compiled), compile_s=compile_s,
+                     breakdown=breakdown_text(compiled, generation) if breakdown else None)
 
 
-def aot_report(config, topology: str, *, simulate: bool = False) -> AotReport:
+def aot_report(config, topology: str, *, simulate: bool = False, breakdown: bool = False) -> AotReport:
     """Compiles `config`'s train step for the TPU slice `topology` (libtpu), or with `simulate=True` for a CPU
     mesh of as many devices (an estimate, compared against the same chip's HBM)."""
     target = parse_topology(topology)
@@ -259,17 +282,18 @@ def aot_report(config, topology: str, *, simulate: bool = False) -> AotReport:
         devices = tpu_devices(target)
         backend = f"TPU {target.generation} {target.topology} (libtpu, compile-only)"
     return compile_report(config, devices, target=f"{target.name} ({target.topology})", backend=backend,
-                          estimate=simulate, hbm_bytes=target.hbm_bytes)
+                          estimate=simulate, hbm_bytes=target.hbm_bytes, breakdown=breakdown,
+                          generation=None if simulate else target.generation)
 
 
 def _split_argv(argv: list[str]) -> tuple[dict, list[str]]:
     """Pulls `--topology X`, `--num-classes N` and `--simulate` out; the rest goes to the config flags."""
-    opts, rest, i = {"simulate": False}, [], 0
+    opts, rest, i = {"simulate": False, "breakdown": False}, [], 0
     while i < len(argv):
         a = argv[i]
         key = a.split("=", 1)[0]
-        if a == "--simulate":
-            opts["simulate"] = True
+        if a in ("--simulate", "--breakdown"):
+            opts[a[2:]] = True
         elif key in ("--topology", "--num-classes"):
             if "=" in a:
                 opts[key[2:]] = a.split("=", 1)[1]
@@ -283,7 +307,7 @@ def _split_argv(argv: list[str]) -> tuple[dict, list[str]]:
 
 
 USAGE = ("usage: python -m crate_jax.aot --config configs/FILE.py:ARGS [--config.KEY=VALUE ...] "
-         "--topology v5p-128 [--simulate] [--num-classes N]")
+         "--topology v5p-128 [--simulate] [--breakdown] [--num-classes N]")
 
 
 def main(argv=None) -> int:
@@ -319,7 +343,7 @@ def main(argv=None) -> int:
         config = config_cli.load_with_overrides(spec, overrides)
         if opts.get("num-classes"):
             config_cli.set_value(config, "model.num_classes", opts["num-classes"])
-        report = aot_report(config, topology, simulate=simulate)
+        report = aot_report(config, topology, simulate=simulate, breakdown=opts["breakdown"])
     except (ConfigError, MeshError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

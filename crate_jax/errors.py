@@ -61,14 +61,14 @@ def classify(e: BaseException) -> tuple[int, str]:
     """`(exit code, message line)` for an exception that ended a command."""
     if isinstance(e, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "error: interrupted (Ctrl-C); nothing half-written was left under an output name"
+    if isinstance(e, StateError):  # its own message is the more specific one, also for a full disk
+        return EXIT_STATE, f"error: {_one_line(e)}"
     if is_disk_full(e):
         return EXIT_STATE, "error: " + (disk_full_message(e) if isinstance(e, OSError) else
                                         f"no space left on the device ({_one_line(e)}); free space and rerun")
     from crate_jax.models.config import ConfigError
     if isinstance(e, ConfigError):
         return EXIT_USAGE, f"config error: {_one_line(e)}"
-    if isinstance(e, StateError):
-        return EXIT_STATE, f"error: {_one_line(e)}"
     if isinstance(e, (UsageError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return EXIT_USAGE, f"error: {_one_line(e)}"
     if isinstance(e, PermissionError):
@@ -83,15 +83,22 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+# True while a `run` started with --debug is under way: a command run inside another (`crate-jax train`
+# runs train's own `run`) inherits the flag the outer one took out of the arguments.
+_debug_run = False
+
+
 def take_debug(argv: Sequence[str] | None) -> tuple[list[str], bool]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    return [a for a in argv if a != DEBUG_FLAG], DEBUG_FLAG in argv
+    return [a for a in argv if a != DEBUG_FLAG], DEBUG_FLAG in argv or _debug_run
 
 
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
     """Calls `main(argv)` (with `--debug` taken out) and turns any exception into one line on stderr and its
     exit code (see the module docstring). `SystemExit` (argparse's usage errors, exit 2) passes through."""
+    global _debug_run
     argv, debug = take_debug(argv)
+    outer, _debug_run = _debug_run, debug
     try:
         code = main(argv)
         return EXIT_OK if code is None else int(code)
@@ -104,6 +111,8 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         sys.stdout.flush()
         print(line, file=sys.stderr, flush=True)
         return code
+    finally:
+        _debug_run = outer
 
 
 def exit_with(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> None:

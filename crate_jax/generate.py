@@ -23,7 +23,8 @@ import time
 import numpy as np
 
 from crate_jax.checkpoint.bundle import BundleError
-from crate_jax.lm.inference import TokenInputError, find_tokenizer, load_lm
+from crate_jax.checkpoint.models import load
+from crate_jax.lm.inference import TokenInputError, find_tokenizer
 from crate_jax.models import ConfigError
 from crate_jax.models import lm_decode
 from crate_jax.text.bpe import BPETokenizer, TokenizerError
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         check_options(args)
-        cfg, model = load_lm(args.checkpoint, args.step)
+        cfg, model = load(args.checkpoint, args.step, kind="lm")
         tok = BPETokenizer.load(find_tokenizer(args.checkpoint, args.tokenizer))
         if tok.vocab_size > cfg.vocab_size:
             raise TokenInputError(f"the tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size}; "

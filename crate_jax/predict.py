@@ -1,15 +1,29 @@
-"""Classify a normalised image array with a bundle, or score a token array with a language-model bundle.
+"""Classify images with a bundle, or score text / a token array with a language-model bundle.
+
+    python -m crate_jax.predict --checkpoint bundles/B16 --images photos/ --output top5.json [--top-k 5]
+    python -m crate_jax.predict --checkpoint bundles/B16 --images cat.jpg --output top5.csv
+    python -m crate_jax.predict --checkpoint bundles/gpt --text "The with statement" --output next.json
 
     python -m crate_jax.predict --checkpoint bundles/B16 --images images.npy --layout NCHW \\
         --output logits.npy [--batch-size 64] [--interpolate-posemb]
     python -m crate_jax.predict --checkpoint bundles/crate_gpt --tokens tokens.npy --output logits.npy
     python -m crate_jax.predict --checkpoint bundles/mae_T16 --images X.npy --layout NCHW --mask M.npy --output pred.npy
 
-`--images` is a float array `[B, C, H, W]` (NCHW) or `[B, H, W, C]` (NHWC), already normalised the
-way the model was trained (e.g. ImageNet mean/std). The output is float32 logits `[B, classes]`
+`--images` is a folder of images (not searched recursively), one image file (.png, .jpg, ...), or a
+`.npy` float array `[B, C, H, W]` (NCHW) or `[B, H, W, C]` (NHWC, `--layout` says which), already
+normalised the way the model was trained (e.g. ImageNet mean/std). Image files are put through the
+bundle's `preprocess.json` (its resize / centre-crop rule and mean / std; a bundle without one gets the
+defaults of its config: short side to size / 0.875, centre crop, ImageNet mean / std).
+
+The output follows `--output`'s extension: `.npy` holds the logits; `.json` holds for every input the
+`--top-k` (default 5) likeliest classes with their names (the bundle's `class_names.json`, else the class
+index) and softmax probabilities, and its logits; `.csv` one row per input and rank
+(`crate_jax.predictions`). `--top-k-output FILE.json|FILE.csv` writes that table as well as a `.npy`
+`--output`. `--text "..."` (language-model bundles) tokenises the text with the bundle's tokenizer; the
+table lists the likeliest next tokens after the text, the `.npy` holds the logits `[1, T, V]`. The output is float32 logits `[B, classes]`
 (pooled features `[B, d]` for a headless model). A resolution other than the bundle's is refused
 unless `--interpolate-posemb` is given: a learned position embedding is then resampled on its 2-D
-grid (SPEC §2.6, `crate_jax.models.posemb.resample_2d`) and a sincos table is regenerated.
+grid (docs/math.md §Position tables, `crate_jax.models.posemb.resample_2d`) and a sincos table is regenerated.
 
 `--tokens` (language-model bundles, `crate_jax.models.lm`) is an integer array `[B, T]` with
 `T <= block_size` and ids below the vocabulary size; the output is float32 logits `[B, T, V]`.
@@ -24,31 +38,29 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
 
-from crate_jax.checkpoint.bundle import BundleError, load_bundle, params_dict
+from crate_jax.checkpoint import models
+from crate_jax.checkpoint.bundle import BundleError, model_from_params, params_dict
 from crate_jax.checkpoint import files
-from crate_jax.checkpoint.files import atomic_file
-from crate_jax.models import ConfigError, ImageClassifier, ModelConfig, build_model
+from crate_jax import errors
+from crate_jax.checkpoint.outputs import atomic_file
+from crate_jax.checkpoint.outputs import check_destination, check_output
+from crate_jax.models import ConfigError, ImageClassifier, ModelConfig, registry
+from crate_jax.models.batch_apply import apply_in_batches
 from crate_jax.models.posemb import resample_2d
+from crate_jax.data.image_files import ImageFileError, is_image_path, load_for_model
+from crate_jax.predictions import TABLE_SUFFIXES
 
 LAYOUTS = ("NCHW", "NHWC")
 
 
 class PredictError(ValueError):
     """Images that do not fit the model; the message says what was expected and how to fix it."""
-
-
-def model_from_params(cfg: ModelConfig, params: dict) -> ImageClassifier:
-    """A model with config `cfg` holding `params` (nested dict as `params_dict` returns); no random
-    init is run. Shapes must match the config exactly."""
-    abstract = nnx.eval_shape(lambda: build_model(cfg, 0))
-    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
-    return nnx.merge(graphdef, state, rest)
 
 
 def at_resolution(cfg: ModelConfig, model: ImageClassifier, image_size: int, *, interpolate: bool,
@@ -130,19 +142,9 @@ def predict_logits(model: ImageClassifier, images: np.ndarray, *, layout: str = 
     if batch_size < 1:
         raise PredictError(f"batch size must be >= 1, got {batch_size}")
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    n = images.shape[0]
-    bs = max(1, min(batch_size, n))
-    outs = []
-    for start in range(0, n, bs):
-        x = np.asarray(images[start:start + bs], np.float32)
-        if layout == "NCHW":
-            x = x.transpose(0, 2, 3, 1)
-        real = x.shape[0]
-        if real < bs:
-            x = np.concatenate([x, np.zeros((bs - real,) + x.shape[1:], x.dtype)])
-        outs.append(np.asarray(forward(state, x))[:real])
-    return np.concatenate(outs).astype(np.float32) if outs else np.zeros((0, 0), np.float32)
+    to_nhwc = (lambda x: x.transpose(0, 2, 3, 1)) if layout == "NCHW" else (lambda x: x)
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(to_nhwc(x)).astype(jax.numpy.float32))
+    return apply_in_batches(lambda x: forward(state, x), images, batch_size, dtypes=[np.float32])
 
 
 def save_finite(path: str | os.PathLike, array: np.ndarray, what: str) -> None:
@@ -161,73 +163,137 @@ def save_array(path: str | os.PathLike, array: np.ndarray) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m crate_jax.predict", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="bundle directory (from crate_jax.convert or export)")
-    ap.add_argument("--images", help=".npy float array of normalised images (image classifiers)")
-    ap.add_argument("--layout", choices=LAYOUTS, help="axis order of --images")
+    ap.add_argument("--checkpoint", required=True,
+                    help="bundle directory (from crate_jax.convert or export), training workdir or export --format hf")
+    ap.add_argument("--images", help="image folder, image file (.png, .jpg, ...), or .npy float array of normalised "
+                                     "images (image classifiers)")
+    ap.add_argument("--layout", choices=LAYOUTS, help="axis order of a .npy --images")
     ap.add_argument("--tokens", help=".npy int array of token ids [B, T] (language models)")
+    ap.add_argument("--text", help="text to score with a language-model bundle (its tokenizer)")
+    ap.add_argument("--top-k", type=int, default=5, help="classes (next tokens) per input in a .json / .csv table")
+    ap.add_argument("--top-k-output", help=".json or .csv file for the top-k table next to a .npy --output")
     ap.add_argument("--mask", help=".npy bool array [B, L], True = removed patch (CRATE-MAE bundles)")
-    ap.add_argument("--output", required=True, help=".npy file for the float32 logits [B, classes]")
+    ap.add_argument("--attention-mask", help=".npy 0/1 array [B, T], 1 = token, 0 = padding (masked-LM encoders; "
+                                             "default all 1)")
+    ap.add_argument("--token-types", help=".npy int array [B, T] of token types (masked-LM encoders; default 0)")
+    ap.add_argument("--output", required=True, help=".npy: the float32 logits [B, classes]; .json / .csv: the top-k "
+                                                    "table (class names and probabilities)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--interpolate-posemb", action="store_true",
                     help="accept another resolution by resampling the position embedding")
     return ap.parse_args(argv)
 
 
+def check_args(args) -> None:
+    """The command line alone: one input, a known output type, `--layout` for a `.npy` of images."""
+    given = [f for f in ("images", "tokens", "text") if getattr(args, f) is not None]
+    if len(given) != 1:
+        raise PredictError("pass one of --images (image models), --tokens or --text (language models)")
+    if args.images is not None and not is_image_path(args.images) and args.layout is None:
+        raise PredictError("a .npy --images needs --layout NCHW or NHWC (image files and folders do not)")
+    if Path(args.output).suffix.lower() not in (".npy",) + TABLE_SUFFIXES:
+        raise PredictError(f"--output {args.output}: expected a .npy (logits), .json or .csv (top-k table) file")
+    if args.top_k_output and Path(args.top_k_output).suffix.lower() not in TABLE_SUFFIXES:
+        raise PredictError(f"--top-k-output {args.top_k_output}: expected a .json or .csv file")
+    if args.top_k < 1:
+        raise PredictError(f"--top-k must be >= 1, got {args.top_k}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if (args.images is None) == (args.tokens is None):
-        print("error: pass --images (image classifiers) or --tokens (language models), not both", file=sys.stderr)
-        return 2
-    if args.images is not None and args.layout is None:
-        print("error: --images needs --layout NCHW or NHWC", file=sys.stderr)
+    try:  # the outputs are checked before any model is loaded; an existing file is replaced
+        check_args(args)
+        for flag in ("output", "top_k_output"):
+            if getattr(args, flag):
+                check_output(getattr(args, flag), (args.checkpoint, args.images, args.tokens, args.mask,
+                                                   args.attention_mask, args.token_types),
+                             flag=flag.replace("_", "-"))
+                check_destination(getattr(args, flag), directory=False, overwrite=True, flag=flag.replace("_", "-"))
+    except errors.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        cfg, model = load_bundle(args.checkpoint)
-        if args.tokens is not None:
+        cfg, model = models.load(args.checkpoint)
+        kind = registry.kind_of(cfg)
+        if kind == "bert":  # masked-LM encoders: --tokens [--attention-mask] [--token-types]
+            from crate_jax.mlm.inference import predict_main
+            return predict_main(args, cfg, model)
+        if args.tokens is not None or args.text is not None:
             return _predict_tokens(args, cfg, model)
-        from crate_jax.models.mae import MAEConfig
-        if isinstance(cfg, MAEConfig) or args.mask is not None:
-            return _predict_mae(args, cfg, model, MAEConfig)
-        if not isinstance(cfg, ModelConfig):
-            raise PredictError(f"{args.checkpoint} holds a {type(cfg).__name__} (bundle kind "
-                               f"{type(cfg).kind!r}); --images classifies with an image-classifier bundle")
-        images = load_images(args.images, args.layout, cfg.channels)
-        size = image_size_of(images, args.layout, args.images)
+        if kind == "crate_mae" or args.mask is not None:
+            return _predict_mae(args, cfg, model)
+        if kind != "classifier":
+            raise PredictError(f"{args.checkpoint} holds a {kind!r} model; --images classifies with an image-classifier "
+                               f"bundle (kind 'classifier')")
+        names, images, layout = _read_images(args, cfg)
+        size = image_size_of(images, layout, args.images)
         cfg, model = at_resolution(cfg, model, size, interpolate=args.interpolate_posemb,
                                    source=f"checkpoint {args.checkpoint}")
-        logits = predict_logits(model, images, layout=args.layout, batch_size=args.batch_size)
+        logits = predict_logits(model, images, layout=layout, batch_size=args.batch_size)
         bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
         if bad.size:  # finite inputs and parameters, non-finite outputs: overflow in the model's dtype
             raise PredictError(f"the model gave NaN or inf for {bad.size} of {len(logits)} images (rows "
                                f"{bad[:10].tolist()}); nothing written. With a bfloat16/float16 bundle, export it "
                                f"in float32 (export --dtype float32)")
-        save_array(args.output, logits)
-    except (PredictError, BundleError, ConfigError) as e:
+        labels = models.class_names_of(args.checkpoint)
+        if labels is not None and len(labels) != logits.shape[1]:
+            labels = None  # a headless bundle's features, or names of another head
+        write_outputs(args, names, logits, labels)
+    except (PredictError, BundleError, ConfigError, ImageFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{cfg.model} {cfg.variant} at {cfg.image_size} px: logits {list(logits.shape)} -> {args.output}")
     return 0
 
 
-def _predict_mae(args, cfg, model, mae_config_cls) -> int:
+def _read_images(args, cfg) -> tuple[list[str], np.ndarray, str]:
+    """`(input names, images, layout)`: a `.npy` array as given, or image files through the bundle's
+    preprocessing."""
+    if not is_image_path(args.images):  # a .npy array (other files get read_npy's diagnosis)
+        images = load_images(args.images, args.layout, cfg.channels)
+        return [f"{Path(args.images).name}[{i}]" for i in range(images.shape[0])], images, args.layout
+    spec = (models.preprocess_of(args.checkpoint) or {}).get("image")
+    if spec is None:  # an old-format bundle: its config's defaults
+        from crate_jax.checkpoint.describe import image_preprocess
+        spec = image_preprocess(cfg)
+    names, images = load_for_model(args.images, spec)
+    return names, images, "NHWC"
+
+
+def write_outputs(args, names: list[str], logits: np.ndarray, labels: list[str] | None) -> None:
+    """`--output` by its extension (logits `.npy`, or the top-k table) and `--top-k-output` if given."""
+    from crate_jax.predictions import render
+    for path in (args.output, args.top_k_output):
+        if not path:
+            continue
+        if Path(path).suffix.lower() == ".npy":
+            save_array(path, logits)
+        else:
+            with atomic_file(path) as f:
+                f.write(render(path, names, logits, labels, args.top_k))
+
+
+def _predict_mae(args, cfg, model) -> int:
     """`--mask`: a CRATE-MAE bundle's per-patch predictions `[B, L, P²·C]`, written only if all are finite."""
     from crate_jax.ssl.mae_inference import MaskError, check_mask, predict_patches
     try:
-        if not isinstance(cfg, mae_config_cls):
+        if registry.kind_of(cfg) != "crate_mae":
             raise PredictError(f"--mask needs a CRATE-MAE bundle (kind 'crate_mae'); {args.checkpoint} holds a "
-                               f"{type(cfg).__name__} (kind {type(cfg).kind!r})")
+                               f"{registry.kind_of(cfg)!r} model")
         if args.mask is None:
             raise PredictError(f"{args.checkpoint} is a CRATE-MAE bundle: pass --mask M.npy, a bool array [B, "
                                f"{cfg.num_patches}] with True for each removed patch (all False: none removed)")
-        images = load_images(args.images, args.layout, cfg.channels)
-        size = image_size_of(images, args.layout, args.images)
+        if Path(args.output).suffix.lower() != ".npy":
+            raise PredictError(f"--output {args.output}: CRATE-MAE predictions are written as a .npy array")
+        _, images, layout = _read_images(args, cfg)
+        size = image_size_of(images, layout, args.images)
         if size != cfg.image_size:
             raise PredictError(f"images are {size}x{size} px but the CRATE-MAE bundle takes {cfg.image_size}x"
                                f"{cfg.image_size} px (its sincos tables are fixed to that grid); resize the images")
         mask = check_mask(read_npy(args.mask, "mask"), images.shape[0], cfg.num_patches, args.mask)
-        pred = predict_patches(model, images, mask, layout=args.layout, batch_size=args.batch_size)
+        pred = predict_patches(model, images, mask, layout=layout, batch_size=args.batch_size)
         save_finite(args.output, pred, "predictions")
-    except (PredictError, MaskError) as e:
+    except (PredictError, MaskError, ImageFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"CRATE-MAE {cfg.variant} at {cfg.image_size} px: predictions {list(pred.shape)} -> {args.output}")
@@ -235,22 +301,57 @@ def _predict_mae(args, cfg, model, mae_config_cls) -> int:
 
 
 def _predict_tokens(args, cfg, model) -> int:
-    """`--tokens`: float32 logits `[B, T, V]` of a language-model bundle, written only if all are finite."""
+    """`--tokens` / `--text`: float32 logits `[B, T, V]` of a language-model bundle, written only if all are
+    finite; for `--text` (or a table output) the top-k next tokens after each sequence."""
     from crate_jax.lm.inference import TokenInputError, check_tokens, lm_logits, read_token_array
-    from crate_jax.models.lm import LMConfig
+    from crate_jax.text.bpe import BPETokenizer, TokenizerError
     try:
-        if not isinstance(cfg, LMConfig):
-            raise PredictError(f"{args.checkpoint} holds a {type(cfg).__name__} (bundle kind {type(cfg).kind!r}); "
-                               f"--tokens needs a language-model bundle (kind 'lm'); use --images for classifiers")
-        tokens = check_tokens(read_token_array(args.tokens), cfg, args.tokens)
+        if registry.kind_of(cfg) != "lm":
+            raise PredictError(f"{args.checkpoint} holds a {registry.kind_of(cfg)!r} model; --tokens / --text need a "
+                               f"language-model bundle (kind 'lm'); use --images for image models")
+        tok = None
+        if args.text is not None:
+            path = models.tokenizer_path(args.checkpoint)
+            if path is None:
+                raise PredictError(f"{args.checkpoint} carries no tokenizer (no tokenizer.json); pass --tokens with "
+                                   f"ids made by the tokenizer the model was trained with")
+            tok = BPETokenizer.load(path)
+            tokens = check_tokens(np.asarray([tok.encode(args.text)], np.int32), cfg, "--text")
+            names = [args.text]
+        else:
+            tokens = check_tokens(read_token_array(args.tokens), cfg, args.tokens)
+            names = [f"{Path(args.tokens).name}[{i}]" for i in range(tokens.shape[0])]
         logits = lm_logits(model, tokens, batch_size=args.batch_size)
-        save_finite(args.output, logits, "logits")
-    except (PredictError, TokenInputError) as e:
+        if not np.isfinite(logits).all():
+            save_finite(args.output, logits, "logits")  # refuses with the reason
+        labels = _TokenNames(tok, cfg.vocab_size) if tok is not None else None
+        if Path(args.output).suffix.lower() == ".npy":
+            save_array(args.output, logits)
+        tables = [p for p in (args.output, args.top_k_output) if p and Path(p).suffix.lower() in TABLE_SUFFIXES]
+        if tables:
+            from crate_jax.predictions import render
+            for path in tables:  # the next token after each whole sequence
+                with atomic_file(path) as f:
+                    f.write(render(path, names, logits[:, -1], labels, args.top_k))
+    except (PredictError, TokenInputError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{cfg.model} {cfg.variant}: logits {list(logits.shape)} -> {args.output}")
     return 0
 
 
+class _TokenNames:
+    """Token id -> its text, decoded only for the ids a table shows."""
+
+    def __init__(self, tok, n: int):
+        self.tok, self.n = tok, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> str:
+        return self.tok.decode([int(i)])
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.exit_with(main)

@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
+
+
+GRID = "reconstructions.png"  # the grid every run writes: marks a directory as an earlier output
 
 
 def _digit_images(name: str, size: int, n: int):
@@ -42,7 +46,8 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--images", required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="output directory (an earlier one of this command is replaced once "
+                    "the new one is complete; a folder of other files is refused)")
     ap.add_argument("--max-images", type=int, default=8)
     ap.add_argument("--mask-ratio", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -52,18 +57,24 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from crate_jax import errors
     from crate_jax.analysis import samples
     from crate_jax.checkpoint.bundle import BundleError
+    from crate_jax.checkpoint.outputs import atomic_output_dir, check_destination, check_output
     from crate_jax.models.config import ConfigError
     from crate_jax.models.masking import mae_random_mask
     from crate_jax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
-    from crate_jax.ssl.mae_inference import MaskError, check_mask, load_mae, reconstruct, write_pngs
+    from crate_jax.checkpoint.models import load
+    from crate_jax.ssl.mae_inference import MaskError, check_mask, reconstruct, write_pngs
 
     args = parse_args(argv)
     try:
         if args.max_images < 1 or args.scale < 1:
             raise MaskError("--max-images and --scale must be >= 1")
-        cfg, model = load_mae(args.checkpoint)
+        images_path = [args.images] if args.images not in ("mnist", "digits") and Path(args.images).exists() else []
+        check_output(args.out, [args.checkpoint, args.mask] + images_path, flag="out")
+        check_destination(args.out, directory=True, overwrite=True, flag="out", marker=GRID)
+        cfg, model = load(args.checkpoint, kind="crate_mae")
         if args.images in ("mnist", "digits"):
             names, display = _digit_images(args.images, cfg.image_size, args.max_images)
         else:
@@ -78,8 +89,10 @@ def main(argv=None) -> int:
                 raise MaskError(f"--mask-ratio must be in [0, 1), got {ratio}")
             mask = np.asarray(mae_random_mask(jax.random.key(args.seed), len(names), cfg.num_patches, ratio))
         views = reconstruct(cfg, model, normalized, mask)
-        files = write_pngs(args.out, names, display, views, scale=args.scale)
-    except (MaskError, BundleError, ConfigError, samples.ImageSourceError, ValueError, OSError) as e:
+        with atomic_output_dir(args.out, overwrite=True) as tmp:  # a failure or a kill leaves the earlier one
+            files = write_pngs(tmp, names, display, views, scale=args.scale, grid_name=GRID)
+    except (MaskError, BundleError, ConfigError, samples.ImageSourceError, errors.UsageError, ValueError,
+            OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"CRATE-MAE {cfg.variant}: {len(names)} images, {int(mask.sum())} of {mask.size} patches removed; "
@@ -88,4 +101,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from crate_jax import errors
+    errors.exit_with(main)

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from crate_jax.parallel import tpu_slices  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_JAX_VERSION = "0.10.2"  # the jax that pyproject.toml pins and stack-notes measured
+DEFAULT_JAX_VERSION = "0.10.2"  # the jax that pyproject.toml pins
 DEFAULT_PYTHON = "3.12"
 DEFAULT_EXTRAS = "tpu,gcs"
 

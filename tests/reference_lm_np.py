@@ -1,10 +1,10 @@
-"""Independent float64 numpy reference of the causal language models, written from SPEC.md §5 (CRATE-GPT)
+"""Independent float64 numpy reference of the causal language models, written from docs/math.md §Language models (CRATE-GPT)
 and the public GPT-2 definition, sharing no code with ``crate_jax`` (only the primitives of
-``reference_np``, themselves written from SPEC.md).
+``reference_np``, themselves written from docs/math.md).
 
 Parameter trees are flat dicts named as the files that hold them:
 
-* CRATE-GPT: the nanoGPT-style state_dict of CRATE pull request #13 (SPEC §5):
+* CRATE-GPT: the nanoGPT-style state_dict of CRATE pull request #13 (docs/math.md §Language models):
   ``transformer.wte.weight [V, d]``, ``transformer.wpe.weight [block, d]``, per block ``transformer.h.{i}.``
   ``prenorm_1.{weight,bias}``, ``attn.c_attn.weight [d, d]`` (torch Linear, ``y = x Wᵀ``, no bias),
   ``attn.c_proj.{weight [d, d], bias}``, ``attn.bias [1, 1, block, block]`` (the causal-mask buffer),
@@ -53,7 +53,7 @@ def _depth(sd, probe):
 
 
 def crate_gpt_forward(sd, idx, *, heads, eta=0.1, lmbda=0.1, eps=1e-5):
-    """CRATE-GPT logits ``[B, T, V]`` (SPEC §5): ``x = wte[idx] + wpe[:T]``; per block
+    """CRATE-GPT logits ``[B, T, V]`` (docs/math.md §Language models): ``x = wte[idx] + wpe[:T]``; per block
     ``x = x + c_proj(causal-MSSA(LN1 x))``, ``x = ISTA(LN2 x)`` (no residual); no final LN; ``x wteᵀ``."""
     used: set = set()
     wte = _get(sd, "transformer.wte.weight", used)
@@ -105,7 +105,7 @@ def gpt2_forward(sd, idx, *, heads, eps=1e-5):
 
 def crate_alpha_lm_forward(tree, idx, *, heads, eta=0.1, lmbda=0.1, eps=1e-6, final_eps=1e-6):
     """CRATE-α LM logits ``[B, T, V]``: per block ``x += out(causal-MSSA(LN_0 x))`` (no bias),
-    ``x += ODL(LN_1 x)`` (SPEC §2.1.4-2.1.6), final LN, tied head."""
+    ``x += ODL(LN_1 x)`` (docs/math.md §CRATE-α, §ODL), final LN, tied head."""
     used: set = set()
     g = lambda n: _get(tree, n, used)  # noqa: E731
     wte = g("embed/embedding")
@@ -131,7 +131,7 @@ def _ln(rng, d):
 
 
 def random_crate_gpt_state_dict(seed, *, vocab, block, dim, depth):
-    """A random CRATE-GPT state_dict (names and shapes of SPEC §5), randomised LayerNorms, the causal-mask
+    """A random CRATE-GPT state_dict (names and shapes of docs/weights.md), randomised LayerNorms, the causal-mask
     buffers and a tied ``lm_head.weight`` included."""
     rng = np.random.default_rng(seed)
     sd = {"transformer.wte.weight": 0.5 * rng.standard_normal((vocab, dim)),

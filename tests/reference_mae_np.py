@@ -1,4 +1,4 @@
-"""Independent float64 numpy reference of CRATE-MAE, written from SPEC.md §4 (and §1.2, §2.6) alone.
+"""Independent float64 numpy reference of CRATE-MAE, written from docs/math.md §CRATE-MAE alone.
 
 It shares no code with `crate_jax`. Parameters are a flat dict named exactly as the official
 `model/crate_ae` state_dict (`patch_embed.proj.weight`, `blocks.{i}.layers.0.{0,1}...`,
@@ -26,7 +26,7 @@ def softmax(x):
 
 
 def sincos_table(width, grid):
-    """SPEC §2.6 (MAE form): per token [sin(cω), cos(cω), sin(rω), cos(rω)], ω_i = 10000^(−i/(d/4)), zero
+    """MAE position table (docs/math.md): per token [sin(cω), cos(cω), sin(rω), cos(rω)], ω_i = 10000^(−i/(d/4)), zero
     cls row first; float64 here (the official code rounds to float32)."""
     q = width // 4
     omega = 1.0 / 10000.0 ** (np.arange(q) / q)
@@ -52,7 +52,7 @@ class _Used(dict):
 
 
 def patchify_nchw(imgs, p):
-    """`(B, C, H, W) -> (B, L, p·p·C)`, features ordered (row-in-patch, col-in-patch, channel) (SPEC §4)."""
+    """`(B, C, H, W) -> (B, L, p·p·C)`, features ordered (row-in-patch, col-in-patch, channel)."""
     B, C, H, W = imgs.shape
     h, w = H // p, W // p
     x = imgs.reshape(B, C, h, p, w, p).transpose(0, 2, 4, 3, 5, 1)
@@ -60,7 +60,7 @@ def patchify_nchw(imgs, p):
 
 
 def mssa(P, pre, x, heads):
-    """CRATE MSSA (SPEC §1.2): shared U (qkv.weight rows per head), softmax(w wᵀ/sqrt(p)) w, to_out with bias."""
+    """CRATE MSSA (docs/math.md §CRATE): shared U (qkv.weight rows per head), softmax(w wᵀ/sqrt(p)) w, to_out with bias."""
     W = P[pre + "qkv.weight"]  # (K·p, d)
     p = W.shape[0] // heads
     w = (x @ W.T).reshape(x.shape[0], x.shape[1], heads, p).transpose(0, 2, 1, 3)  # (B, K, N, p)
@@ -82,7 +82,7 @@ def forward(sd, imgs_nchw, mask, *, patch, heads, dec_heads=None, eta=0.1, lmbda
     g = H // patch
     pat = x.reshape(B, Cn, g, patch, g, patch).transpose(0, 2, 4, 1, 3, 5).reshape(B, g * g, Cn * patch * patch)
     t = pat @ Wc.reshape(d, -1).T + bc
-    # kept tokens and mask tokens in the original order, cls first, decoder_pos_embed (SPEC §4)
+    # kept tokens and mask tokens in the original order, cls first, decoder_pos_embed (docs/math.md §CRATE-MAE)
     m = np.asarray(mask, bool)[..., None]
     t = np.where(m, P["mask_token"][0], t)
     z = np.concatenate([np.broadcast_to(P["cls_token"], (B, 1, d)), t], axis=1) + P["decoder_pos_embed"]
@@ -94,7 +94,7 @@ def forward(sd, imgs_nchw, mask, *, patch, heads, dec_heads=None, eta=0.1, lmbda
         z = z + mssa(P, pre + "0.fn.", h, heads)
         y = layer_norm(z, P[pre + "1.norm.weight"], P[pre + "1.norm.bias"], 1e-5)
         D = P[pre + "1.fn.weight"]
-        z = np.maximum(y + eta * (y @ D - (y @ D.T) @ D) - eta * lmbda, 0.0)  # SPEC §1.2 with λ = 0.5
+        z = np.maximum(y + eta * (y @ D - (y @ D.T) @ D) - eta * lmbda, 0.0)  # docs/math.md §CRATE with λ = 0.5
         i += 1
     z = layer_norm(z, P["norm.weight"], P["norm.bias"], 1e-6)
     j = 0
@@ -111,7 +111,7 @@ def forward(sd, imgs_nchw, mask, *, patch, heads, dec_heads=None, eta=0.1, lmbda
 
 
 def loss(pred, imgs_nchw, mask, *, patch, norm_pix_loss=False):
-    """SPEC §4: MSE per patch against the patchified image (optionally per-patch normalised with the unbiased
+    """docs/math.md §CRATE-MAE: MSE per patch against the patchified image (optionally per-patch normalised with the unbiased
     variance + 1e-6), averaged over removed patches only."""
     target = patchify_nchw(np.asarray(imgs_nchw, np.float64), patch)
     if norm_pix_loss:
@@ -122,7 +122,7 @@ def loss(pred, imgs_nchw, mask, *, patch, norm_pix_loss=False):
 
 
 def random_masking(noise, ratio):
-    """SPEC §4 `random_masking` from given noise `(B, L)`: keep the int(L(1−r)) lowest-noise patches."""
+    """docs/math.md §CRATE-MAE `random_masking` from given noise `(B, L)`: keep the int(L(1−r)) lowest-noise patches."""
     B, Ln = noise.shape
     keep = int(Ln * (1 - ratio))
     mask = np.ones((B, Ln), bool)

@@ -1,6 +1,6 @@
 """Independent float64 numpy reference of the official CRATE, CRATE-alpha and CLIPA models.
 
-Written from SPEC.md alone (sections 1, 2, 3.1, 3.2, 2.6 and 6 are cited inline) and deliberately
+Written from the equations of docs/math.md alone (its sections are cited inline) and deliberately
 independent of the ``crate_jax`` package, so that parity tests compare two implementations that
 share no code. Everything is computed in float64 with plain numpy (``scipy.ndimage.zoom`` only
 where the official loader uses it).
@@ -8,12 +8,12 @@ where the official loader uses it).
 Parameter trees are flat dicts ``name -> array`` (anything ``np.asarray`` accepts), named exactly
 as the official checkpoints:
 
-* CRATE (torch ``model/crate.py``): the state_dict names of SPEC 1.6.
-* CRATE-alpha, JAX/big_vision: the '/'-joined paths of SPEC 2.4 (no ``params/`` prefix).
-* CRATE-alpha, torch_inference: the state_dict names of SPEC 2.5.
-* CLIPA two-tower: the ``img/...``, ``txt/...`` and ``t`` paths of SPEC 3.1.
+* CRATE (torch ``model/crate.py``): the state_dict names of docs/weights.md §Layouts.
+* CRATE-alpha, JAX/big_vision: the '/'-joined paths of docs/weights.md §Layouts (no ``params/`` prefix).
+* CRATE-alpha, torch_inference: the state_dict names of docs/weights.md §Layouts.
+* CLIPA two-tower: the ``img/...``, ``txt/...`` and ``t`` paths of docs/math.md §CLIPA.
 
-Token matrices keep tokens as rows: ``[B, N, d]`` (SPEC notation section).
+Token matrices keep tokens as rows: ``[B, N, d]`` (docs/math.md §Notation).
 Every forward checks that each parameter it was given was used, so a wrong depth, a stray
 prefix or a misspelt name fails loudly instead of silently changing the model.
 """
@@ -82,7 +82,7 @@ def attention_heads(q, k, v):
 
 
 def mssa_heads(w):
-    """MSSA core (SPEC 1.2 / 2.1.5): one shared projection, ``q = k = v = w``.
+    """MSSA core (docs/math.md §CRATE, §MSSA): one shared projection, ``q = k = v = w``.
 
     Args:
       w: ``[B, N, K, p]`` (``w_k = h @ U_k`` for every head ``k``).
@@ -93,7 +93,7 @@ def mssa_heads(w):
 
 
 def crate_ista_block(y, W, eta=0.1, lmbda=0.1):
-    """CRATE's ISTA block (SPEC 1.2), acting on the LayerNorm output ``y``, no residual.
+    """CRATE's ISTA block (docs/math.md §CRATE), acting on the LayerNorm output ``y``, no residual.
 
     ``x_next = ReLU(y + eta (y W - (y W^T) W) - eta lmbda)``: one non-negative ISTA step on
     the code, started from the input itself, with dictionary ``D = W`` (column form
@@ -109,7 +109,7 @@ def crate_ista_block(y, W, eta=0.1, lmbda=0.1):
 
 
 def odl_codes(x, D, eta=0.1, lmbda=0.1):
-    """The two unrolled ISTA steps of CRATE-alpha's ODL block from a zero code (SPEC 2.1.6).
+    """The two unrolled ISTA steps of CRATE-alpha's ODL block from a zero code (docs/math.md §ODL).
 
     Args:
       x: ``[B, N, d]`` (the LN_1 output).
@@ -122,7 +122,7 @@ def odl_codes(x, D, eta=0.1, lmbda=0.1):
 
 
 def odl_block(x, D, D1, eta=0.1, lmbda=0.1):
-    """CRATE-alpha's ODL block output (SPEC 2.1.6): ``odl_codes(x, D) @ D1^T``, ``[B, N, d]``.
+    """CRATE-alpha's ODL block output (docs/math.md §ODL): ``odl_codes(x, D) @ D1^T``, ``[B, N, d]``.
 
     The residual around the block is added by the caller.
     """
@@ -130,7 +130,7 @@ def odl_block(x, D, D1, eta=0.1, lmbda=0.1):
 
 
 def patchify_crate(images_nchw, patch):
-    """CRATE's patchify (SPEC 1.1.1): ``'b c (h p1) (w p2) -> b (h w) (p1 p2 c)'``.
+    """CRATE's patchify (docs/math.md §CRATE): ``'b c (h p1) (w p2) -> b (h w) (p1 p2 c)'``.
 
     Args:
       images_nchw: ``[B, C, H, W]`` with H, W divisible by ``patch``.
@@ -146,7 +146,7 @@ def patchify_crate(images_nchw, patch):
 
 
 def conv_stem_hwio(images_nhwc, kernel, bias, patch):
-    """Stride-P, P x P VALID convolution with a flax kernel ``[P, P, C, d]`` (SPEC 2.1.1).
+    """Stride-P, P x P VALID convolution with a flax kernel ``[P, P, C, d]`` (docs/math.md §CRATE-α).
 
     Args:
       images_nhwc: ``[B, H, W, C]``.
@@ -164,7 +164,7 @@ def conv_stem_hwio(images_nhwc, kernel, bias, patch):
 
 
 def conv_stem_oihw(images_nchw, weight, bias, patch):
-    """Stride-P, P x P convolution with a torch weight ``[d, C, P, P]`` (SPEC 2.2).
+    """Stride-P, P x P convolution with a torch weight ``[d, C, P, P]`` (docs/weights.md §Layouts).
 
     Args:
       images_nchw: ``[B, C, H, W]``.
@@ -275,24 +275,24 @@ def _heads_dim(width, heads, what):
 
 
 # ----------------------------------------------------------------------------------------------
-# CRATE (torch model/crate.py), SPEC section 1
+# CRATE (torch model/crate.py), docs/math.md §CRATE
 # ----------------------------------------------------------------------------------------------
 
-_CRATE_EPS = 1e-5  # torch LayerNorm default, used everywhere in CRATE (SPEC 1.1-1.3)
+_CRATE_EPS = 1e-5  # torch LayerNorm default, used everywhere in CRATE (docs/math.md §CRATE)
 
 
 def crate_intermediates(sd, images_nchw, *, patch, heads, eta=0.1, lmbda=0.1):
     """CRATE forward up to the encoder output, keeping what the official hooks see.
 
     Args:
-      sd: CRATE torch state_dict (SPEC 1.6 names), values ``np.asarray``-able.
+      sd: CRATE torch state_dict (docs/weights.md §Layouts names), values ``np.asarray``-able.
       images_nchw: ``[B, C, H, W]``.
       patch: patch size P. heads: number of heads K.
     Returns:
       dict with
         ``tokens``: ``[B, N+1, d]`` output of the last layer (cls first),
         ``mssa_proj``: per layer ``[B, K, N+1, p]``, the qkv projections ``LN1(Z^l) @ U_k``
-          (what the compression hook of SPEC 6 reshapes),
+          (what the compression hook of docs/math.md §Coding rate reshapes),
         ``ista_out``: per layer ``[B, N+1, d]``, ``Z^{l+1}`` (what the sparsity hook sees),
         ``params``: the ``_Params`` view (so callers can keep reading the head).
     """
@@ -349,10 +349,10 @@ def crate_intermediates(sd, images_nchw, *, patch, heads, eta=0.1, lmbda=0.1):
 
 
 def crate_forward(sd, images_nchw, *, patch, heads, pool="cls", eta=0.1, lmbda=0.1):
-    """CRATE classifier logits (SPEC 1.1-1.3).
+    """CRATE classifier logits (docs/math.md §CRATE).
 
     Args:
-      sd: CRATE torch state_dict (SPEC 1.6 names).
+      sd: CRATE torch state_dict (docs/weights.md §Layouts names).
       images_nchw: ``[B, C, H, W]``.
       pool: ``'cls'`` (token 0) or ``'mean'`` (mean over all tokens, cls included).
     Returns:
@@ -373,12 +373,12 @@ def crate_forward(sd, images_nchw, *, patch, heads, pool="cls", eta=0.1, lmbda=0
 
 
 # ----------------------------------------------------------------------------------------------
-# CRATE-alpha, JAX / big_vision layout (SPEC 2.1, 2.4)
+# CRATE-alpha, JAX / big_vision layout (docs/math.md §CRATE-α; docs/weights.md §Layouts)
 # ----------------------------------------------------------------------------------------------
 
 
 def posemb_sincos_2d(h, w, d, temperature=10_000.0):
-    """big_vision's fixed 2-D sin-cos table (SPEC 2.6), without the cls row.
+    """big_vision's fixed 2-D sin-cos table (docs/math.md §Position tables), without the cls row.
 
     ``omega_i = temperature^(-i/(d/4 - 1))``, ``i = 0..d/4-1``; token ``r*w + c`` (row r,
     column c) gets ``[sin(c omega), cos(c omega), sin(r omega), cos(r omega)]``.
@@ -446,7 +446,7 @@ def _alpha_stem_and_blocks(P, x, *, heads, posemb, eta, lmbda, ln_eps, grid, nam
 
 def _layer_scale(P, pre, name, d):
     # flax LayerScale(name='ls1') owns a parameter also named 'ls1' -> '.../ls1/ls1'; accept a
-    # bare '.../ls1' too (SPEC 2.4 names only the leaf).
+    # bare '.../ls1' too (docs/weights.md §Layouts names only the leaf).
     for key in (f"{pre}{name}/{name}", f"{pre}{name}"):
         if P.has(key):
             return P.get(key, (d,))
@@ -519,7 +519,7 @@ def _crate_alpha_jax(P, images_nhwc, *, patch, heads, posemb, eta, lmbda, ln_eps
                                  ln_eps=ln_eps, grid=grid, names=_JAX_NAMES)
     normed = layer_norm(aux["encoded"], P.get("encoder_norm/scale", (d,)),
                         P.get("encoder_norm/bias", (d,)), final_eps)
-    feat = normed[:, 0]  # always the cls token (pool_type is ignored, SPEC 2.1.7)
+    feat = normed[:, 0]  # always the cls token (pool_type is ignored, docs/math.md §CRATE-α)
     aux["pre_logits"] = feat
     if P.has("head/kernel"):
         Wh = P.get("head/kernel", (d, None))
@@ -536,10 +536,10 @@ def _crate_alpha_jax(P, images_nhwc, *, patch, heads, posemb, eta, lmbda, ln_eps
 
 def crate_alpha_forward_jax(params, images_nhwc, *, patch, heads, posemb="learn", eta=0.1,
                             lmbda=0.1, ln_eps=1e-6, final_eps=1e-6, return_tokens=False):
-    """CRATE-alpha forward in the JAX/big_vision layout (SPEC 2.1, parameter paths of 2.4).
+    """CRATE-alpha forward in the JAX/big_vision layout (docs/math.md §CRATE-α, parameter paths of 2.4).
 
     Args:
-      params: flat dict with the '/' paths of SPEC 2.4 (no ``params/`` prefix).
+      params: flat dict with the '/' paths of docs/weights.md §Layouts (no ``params/`` prefix).
         ``embedding/bias`` and ``head/bias`` are optional (absent = no bias). With
         ``posemb='sincos2d'`` there must be no ``pos_embedding``. Without ``head/kernel`` the
         pooled features are returned.
@@ -562,19 +562,19 @@ def crate_alpha_forward_jax(params, images_nhwc, *, patch, heads, posemb="learn"
 
 
 # ----------------------------------------------------------------------------------------------
-# CRATE-alpha, torch_inference layout (SPEC 2.2, 2.5)
+# CRATE-alpha, torch_inference layout (docs/weights.md §Layouts)
 # ----------------------------------------------------------------------------------------------
 
 
 def crate_alpha_forward_torch(sd, images_nchw, *, patch, heads, eta=0.1, lmbda=0.1,
                               final_eps=1e-5):
-    """CRATE-alpha forward in the torch_inference layout (SPEC 2.2, names of 2.5).
+    """CRATE-alpha forward in the torch_inference layout (docs/weights.md §Layouts, names of 2.5).
 
     Block LayerNorms use eps 1e-6; the final ``mlp_head.0`` LayerNorm uses ``final_eps``
     (torch default 1e-5 in the official port) and is applied to the cls token.
 
     Args:
-      sd: state_dict with the names of SPEC 2.5.
+      sd: state_dict with the names of docs/weights.md §Layouts.
       images_nchw: ``[B, C, H, W]``.
     Returns:
       ``[B, classes]`` float64 logits.
@@ -600,9 +600,9 @@ def _as_array(a):
 
 
 def crate_alpha_torch_from_jax(params, heads):
-    """Map a CRATE-alpha JAX tree (SPEC 2.4) to the torch_inference state_dict (SPEC 2.5).
+    """Map a CRATE-alpha JAX tree to the torch_inference state_dict (docs/weights.md §Layouts).
 
-    Transposes and reshapes only (SPEC 2.2); dtypes are kept. The torch model always has a conv
+    Transposes and reshapes only (docs/weights.md §Layouts); dtypes are kept. The torch model always has a conv
     and a head bias: absent JAX biases become zeros.
 
     Args:
@@ -657,7 +657,7 @@ def crate_alpha_jax_from_torch(sd, heads):
     """Inverse of ``crate_alpha_torch_from_jax``: torch_inference state_dict -> JAX paths.
 
     Args:
-      sd: dict with the names of SPEC 2.5. heads: K.
+      sd: dict with the names of docs/weights.md §Layouts. heads: K.
     Returns:
       flat JAX-layout dict (with ``embedding/bias`` and ``head/bias``, as the torch model has
       them).
@@ -697,12 +697,12 @@ def crate_alpha_jax_from_torch(sd, heads):
 
 
 # ----------------------------------------------------------------------------------------------
-# CLIPA two-tower (SPEC 3.1, 3.2)
+# CLIPA two-tower (docs/math.md §CLIPA, §Contrastive loss)
 # ----------------------------------------------------------------------------------------------
 
 
 def clipa_text_forward(params, tokens, *, heads, ln_eps=1e-6):
-    """CLIPA text tower (SPEC 3.1): plain pre-LN transformer, no mask, last-position pooling.
+    """CLIPA text tower (docs/math.md §CLIPA): plain pre-LN transformer, no mask, last-position pooling.
 
     Args:
       params: flat dict with ``txt/...`` names (other prefixes are ignored).
@@ -756,12 +756,12 @@ def clipa_text_forward(params, tokens, *, heads, ln_eps=1e-6):
 
 
 def l2_normalise(z):
-    """``z / (||z||_2 + 1e-8)`` along the last axis (SPEC 3.1)."""
+    """``z / (||z||_2 + 1e-8)`` along the last axis (docs/math.md §CLIPA)."""
     return z / (np.linalg.norm(z, axis=-1, keepdims=True) + 1e-8)
 
 
 def clipa_embeddings(params, images_nhwc, tokens, *, img_patch, img_heads, txt_heads):
-    """CLIPA two-tower embeddings (SPEC 3.1).
+    """CLIPA two-tower embeddings (docs/math.md §CLIPA).
 
     Args:
       params: flat dict with ``img/...`` (CRATE-alpha, JAX layout, normally without conv and
@@ -791,7 +791,7 @@ def _log_softmax(x, axis):
 
 
 def contrastive_loss(zimg, ztxt, t):
-    """Bidirectional contrastive loss (SPEC 3.2).
+    """Bidirectional contrastive loss (docs/math.md §Contrastive loss).
 
     Args:
       zimg, ztxt: ``[B, E]`` (normalised). t: the logit multiplier ``exp(params['t'])``.
@@ -820,7 +820,7 @@ def sigmoid_loss(zimg, ztxt, t, b):
 
 
 # ----------------------------------------------------------------------------------------------
-# Coding rate and sparsity (SPEC 6)
+# Coding rate and sparsity (docs/math.md §Coding rate)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -840,7 +840,7 @@ def coding_rate(Z, eps):
 
 
 def compression_rate(Z, U_list, eps):
-    """``R^c(Z; U_[K]) = sum_k 1/2 logdet(I_p + p/(N eps^2) (Z U_k)^T (Z U_k))`` (SPEC 6).
+    """``R^c(Z; U_[K]) = sum_k 1/2 logdet(I_p + p/(N eps^2) (Z U_k)^T (Z U_k))`` (docs/math.md §Coding rate).
 
     Args:
       Z: ``[N, d]`` tokens as rows. U_list: K arrays ``[d, p]``.
@@ -856,7 +856,7 @@ def compression_rate(Z, U_list, eps):
 
 
 def official_compression(X, eps=0.01):
-    """The compression measurement of CRATE's ``vis_utils`` (SPEC 6).
+    """The compression measurement of CRATE's ``vis_utils`` (docs/math.md §Coding rate).
 
     Args:
       X: ``[B, K, N, p]`` the MSSA projections of one layer (cls included).
@@ -877,7 +877,7 @@ def official_compression(X, eps=0.01):
 
 
 def official_sparsity(Z):
-    """The sparsity measurement of CRATE's ``vis_utils`` (SPEC 6).
+    """The sparsity measurement of CRATE's ``vis_utils`` (docs/math.md §Coding rate).
 
     Args:
       Z: ``[B, N, d]`` the ISTA block output of one layer.
@@ -891,7 +891,7 @@ def official_sparsity(Z):
 
 
 # ----------------------------------------------------------------------------------------------
-# Position-embedding resampling (SPEC 2.6)
+# Position-embedding resampling (docs/math.md §Position tables)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -929,7 +929,7 @@ def resample_posemb_2d(pos, new_h, new_w, *, old_hw=None):
 
 
 def resample_posemb_1d(pos, new_len):
-    """CLIPA's ``jax.image.resize(pos, (1, new_len, d), 'bilinear')`` (SPEC 2.6), upsampling only.
+    """CLIPA's ``jax.image.resize(pos, (1, new_len, d), 'bilinear')`` (docs/math.md §Position tables), upsampling only.
 
     Linear interpolation along the flattened token axis (cls row included), half-pixel centres:
     output ``i`` samples input coordinate ``(i + 0.5) L/new_len - 0.5``, clamped to
@@ -1003,7 +1003,7 @@ def _crate_table(*, dim, depth, heads, patch, image_size, num_classes, channels)
         t[pre + "0.norm.weight"] = ((dim,), ("scale",))
         t[pre + "0.norm.bias"] = ((dim,), ("shift",))
         t[pre + "0.fn.qkv.weight"] = ((inner, dim), ("normal", dim**-0.5))
-        if heads != 1:  # heads == 1 and dim_head == dim: identity output (SPEC 1.2)
+        if heads != 1:  # heads == 1 and dim_head == dim: identity output (docs/math.md §CRATE)
             t[pre + "0.fn.to_out.0.weight"] = ((dim, inner), ("normal", inner**-0.5))
             t[pre + "0.fn.to_out.0.bias"] = ((dim,), ("shift",))
         t[pre + "1.norm.weight"] = ((dim,), ("scale",))
@@ -1018,7 +1018,7 @@ def _crate_table(*, dim, depth, heads, patch, image_size, num_classes, channels)
 
 def random_crate_state_dict(rng, *, dim, depth, heads, patch, image_size, num_classes, channels=3,
                             shapes_only=False):
-    """Random CRATE state_dict with the names and shapes of SPEC 1.6.
+    """Random CRATE state_dict with the names and shapes of docs/weights.md §Layouts.
 
     Args:
       rng: seed or ``np.random.Generator`` (ignored with ``shapes_only``).
@@ -1069,7 +1069,7 @@ def _alpha_table(*, dim, depth, heads, patch, image_size, num_classes, posemb, b
 
 def random_crate_alpha_jax(rng, *, dim, depth, heads, patch, image_size, num_classes,
                            posemb="learn", bias=True, ratio=4, channels=3, shapes_only=False):
-    """Random CRATE-alpha tree with the flat '/' paths and shapes of SPEC 2.4.
+    """Random CRATE-alpha tree with the flat '/' paths and shapes of docs/weights.md §Layouts.
 
     Args:
       rng: seed or ``np.random.Generator``.
@@ -1090,10 +1090,10 @@ def random_crate_alpha_jax(rng, *, dim, depth, heads, patch, image_size, num_cla
 def random_clipa_two_tower(rng, *, img_dim, img_depth, img_heads, patch, image_size, out_dim,
                            txt_dim, txt_depth, txt_heads, txt_mlp, vocab, txt_len,
                            shapes_only=False):
-    """Random CLIPA two-tower tree with the names and shapes of SPEC 3.1.
+    """Random CLIPA two-tower tree with the names and shapes of docs/math.md §CLIPA.
 
     The image tower is CRATE-alpha with a learned ``img/pos_embedding``, no conv bias and a
-    bias-free head of width ``out_dim``; the text tower is the plain transformer of SPEC 3.1
+    bias-free head of width ``out_dim``; the text tower is the plain transformer of docs/math.md §CLIPA
     with a bias-free ``txt/head``; ``t`` has shape ``(1,)`` (around ``log(1/0.07)``).
 
     Returns:

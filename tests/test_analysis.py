@@ -1,4 +1,4 @@
-"""White-box analysis: coding rates against closed forms and the float64 reference (SPEC §6), per-layer
+"""White-box analysis: coding rates against closed forms and the float64 reference (docs/math.md §Coding rate), per-layer
 measurements of real (tiny, random) CRATE / CRATE-α models, emergent segmentation on synthetic features,
 and the `python -m crate_jax.analyze` command end to end."""
 

@@ -11,7 +11,7 @@ import jax
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)  # configs/ is not an installed package
+sys.path.insert(0, REPO_ROOT)  # launch/ is not an installed package
 
 from train_helpers import tiny_config  # noqa: E402
 

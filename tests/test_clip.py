@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 import reference_np as R
-from configs import clipa
+from crate_jax.configs import clipa
 from crate_jax.checkpoint.bundle import load_bundle, save_bundle
 from crate_jax.clip import loss as L, zeroshot as Z
 from crate_jax.models import masking, text as T, two_tower as TT
@@ -193,7 +193,7 @@ def test_parameter_counts_match_spec():
         tree = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: TT.build_two_tower(cfg, 0)), nnx.Param))
         n = lambda t: sum(math.prod(x.shape) for x in jax.tree.leaves(t))
         return n(tree["img"]), n(tree["txt"]), n(tree)
-    assert count("L/14", 84) == (253_448_192, 336_160_768, 589_608_961)  # SPEC §3.1 table
+    assert count("L/14", 84) == (253_448_192, 336_160_768, 589_608_961)  # docs/math.md §CLIPA table
     assert count("H/14", 224) == (526_848_000, 336_160_768, 863_008_769)
 
 
@@ -297,7 +297,7 @@ def initial_params(config):
 
 @pytest.mark.slow
 def test_posemb_interpolation_modes(tmp_path):
-    """Fine-tuning init: 1-D (CLIPA) and 2-D resampling of img/pos_embedding as documented (SPEC §2.6),
+    """Fine-tuning init: 1-D (CLIPA) and 2-D resampling of img/pos_embedding as documented (docs/math.md §Position tables),
     a text pos of another length resampled along its axis, `dont_load` keeping fresh values."""
     data = make_synth(tmp_path)
     one_device = {"data": 1, "num_devices": 1}
@@ -394,7 +394,7 @@ def test_real_config_trains_resumes_and_evaluates(tmp_path):
 
 @pytest.mark.slow
 def test_finetune_stage_keeps_text_tower_and_temperature_frozen(tmp_path):
-    """The recipe's fine-tuning stage (SPEC §7.5): 2x resolution from a low-resolution two-tower
+    """The recipe's fine-tuning stage (docs/clipa.md §Recipes): 2x resolution from a low-resolution two-tower
     checkpoint, text tower and t frozen (`optim.freeze`), image tower trained."""
     data = make_synth(tmp_path)
     low_cfg = tiny_config(data, mesh={"data": 1, "num_devices": 1}, res=16)

@@ -1,7 +1,7 @@
 """The compiled gradient of our unrolled models moves no more bytes than a plain port does.
 
 XLA's cost analysis of the compiled program is deterministic and needs no timing. The references are
-straightforward unrolled JAX models written from SPEC.md in `bench/`: `crate_alpha_port.py` (CRATE-α
+straightforward unrolled JAX models written from docs/math.md in `bench/`: `crate_alpha_port.py` (CRATE-α
 as the official big_vision model computes it, with flax's LayerNorm) and `crate_port.py` (a plain
 port of the torch CRATE). Before the LayerNorm got its hand-written gradient, XLA:CPU fused each
 layer's backward kernels with the residual-stream gradient of every layer above (fused kernels of
@@ -77,7 +77,7 @@ def test_train_step_without_clip_or_decay_moves_no_more_bytes():
     from crate_jax.data import loader
     from crate_jax.parallel.mesh import make_mesh
     from crate_jax.train.setup import Setup
-    from configs.common import base_config
+    from crate_jax.configs.common import base_config
 
     def step_bytes(clip, wd):
         c = base_config()

@@ -103,8 +103,8 @@ def test_configs_resolve_from_any_directory(tmp_path):
     package is installed with crate_jax."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("PYTHONPATH", None)
-    r = subprocess.run([sys.executable, "-c", "from configs import clipa, digits; print(digits.get_config().res)"],
-                       capture_output=True, text=True, cwd=tmp_path, env=env)
+    code = "from crate_jax.configs import clipa, digits; print(digits.get_config().res)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "16", r.stderr
     for spec in ("configs/digits.py", str(REPO / "configs" / "digits.py")):
         r = subprocess.run([sys.executable, "-m", "crate_jax.train", "--config", spec, "--workdir", str(tmp_path / "w"),
@@ -133,7 +133,7 @@ def test_overrides_reach_absent_and_none_keys(monkeypatch):
 
 
 def test_recipe_configs_know_their_class_counts():
-    """AOT / benches build the ImageNet recipes without the dataset (SPEC §7.2, §7.3)."""
+    """AOT / benches build the ImageNet recipes without the dataset (docs/vision.md §Recipes)."""
     from crate_jax.train import config_cli
     from crate_jax.train.setup import make_task
     for spec, n in (("configs/imagenet1k.py:variant=B/16", 1000), ("configs/imagenet21k.py:variant=B/16", 19_167),

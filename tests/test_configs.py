@@ -17,13 +17,13 @@ CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads(name):
-    mod = importlib.import_module(f"configs.{name}")
+    mod = importlib.import_module(f"crate_jax.configs.{name}")
     c = mod.get_config("")
     assert "optim" in c and "batch_size" in c
 
 
 def test_config_args_are_checked():
-    from configs import imagenet21k
+    from crate_jax.configs import imagenet21k
     with pytest.raises(ValueError, match="unknown config argument 'varient'"):
         imagenet21k.get_config("varient=B/16")
     c = imagenet21k.get_config("variant=B/16,res=112,batch=1024")
@@ -34,7 +34,7 @@ def test_config_args_are_checked():
 @pytest.mark.parametrize("name", ["imagenet21k", "imagenet1k", "crate_imagenet1k"])
 def test_real_config_shrunk_trains_one_step_on_mock_imagenet(name, tmp_path):
     import tensorflow_datasets as tfds
-    mod = importlib.import_module(f"configs.{name}")
+    mod = importlib.import_module(f"crate_jax.configs.{name}")
     c = mod.get_config("variant=Ti/16,res=32,batch=8,steps=1" if name != "crate_imagenet1k"
                        else "variant=T/16,res=32,batch=8,steps=1")
     c.model.update(depth=1)
@@ -48,7 +48,7 @@ def test_real_config_shrunk_trains_one_step_on_mock_imagenet(name, tmp_path):
 
 
 def test_invalid_configs_fail_before_compiling():
-    from configs import digits
+    from crate_jax.configs import digits
     c = digits.get_config("")
     c.res = 18
     with pytest.raises(ConfigError, match="not divisible by patch size 4"):

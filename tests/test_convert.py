@@ -59,7 +59,7 @@ def bits_equal(a, b):
 # Variant inference (shapes only, real sizes)
 # ------------------------------------------------------------------------------------------------
 REAL = [
-    # fmt, shapes, expected variant, image size, param count (SPEC §1.5, §2.3, §3.1)
+    # fmt, shapes, expected variant, image size, param count (docs/math.md §Sizes, §CLIPA)
     ("crate-torch", lambda: R.random_crate_state_dict(0, dim=384, depth=12, heads=6, patch=16, image_size=224,
                                                       num_classes=1000, shapes_only=True), "T/16", 224, 6_090_856),
     ("crate-torch", lambda: R.random_crate_state_dict(0, dim=1024, depth=24, heads=16, patch=16, image_size=224,
@@ -70,7 +70,7 @@ REAL = [
      "B/16", 224, 72_328_936),
     ("crate-alpha-jax", lambda: R.random_crate_alpha_jax(0, dim=1024, depth=24, heads=16, patch=14, image_size=224,
                                                          num_classes=1000, shapes_only=True), "L/14", 224, 253_650_920),
-    # CLIPA image tower @84 px: no conv / head bias, 1024-wide projection head (SPEC §3.1)
+    # CLIPA image tower @84 px: no conv / head bias, 1024-wide projection head (docs/math.md §CLIPA)
     ("crate-alpha-jax", lambda: R.random_crate_alpha_jax(0, dim=1024, depth=24, heads=16, patch=14, image_size=84,
                                                          num_classes=1024, bias=False, shapes_only=True),
      "L/14", 84, 253_448_192),
@@ -305,8 +305,8 @@ def test_export_refuses_what_the_layout_cannot_express(tmp_path, bundles, capsys
 
 
 def test_load_for_export_names_a_non_bundle(tmp_path):
-    with pytest.raises(Exception, match="not a crate_jax bundle"):
-        export.load_for_export(tmp_path)
+    with pytest.raises(Exception, match="not a model crate_jax can load"):
+        export.load_params(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------

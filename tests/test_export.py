@@ -59,3 +59,22 @@ def test_bf16_bundle_and_predict(workdir, tmp_path):
 def test_export_errors(tmp_path):
     assert export.main(["--checkpoint", str(tmp_path), "--format", "bundle", "--output", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_hf_export_of_a_training_run_reads_back_bit_exactly(workdir, tmp_path):
+    import crate_jax
+    out = tmp_path / "hf"
+    assert export.main(["--checkpoint", str(workdir), "--format", "hf", "--output", str(out), "--dtype",
+                        "bfloat16"]) == 0
+    for name in ("model.safetensors", "config.json", "preprocess.json", "class_names.json", "README.md"):
+        assert (out / name).is_file(), name
+    cfg, model = crate_jax.load(out)
+    assert cfg.param_dtype == "bfloat16"
+    trained = jax.tree.map(lambda a: np.asarray(a).astype(jax.numpy.bfloat16), read_params(workdir))
+    loaded = jax.tree.map(np.asarray, params_dict(model))
+    assert all(a.dtype == jax.numpy.bfloat16 for a in jax.tree.leaves(loaded))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16)), trained, loaded)
+    # an existing output is refused without --overwrite, and nothing is changed
+    before = (out / "model.safetensors").read_bytes()
+    assert export.main(["--checkpoint", str(workdir), "--format", "hf", "--output", str(out)]) == 2
+    assert (out / "model.safetensors").read_bytes() == before

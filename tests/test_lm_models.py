@@ -1,4 +1,4 @@
-"""Language models (crate_jax.models.lm): parameter counts pinned to SPEC §5, parity with the float64 reference
+"""Language models (crate_jax.models.lm): parameter counts pinned to docs/math.md, parity with the float64 reference
 through the importers, causality, cache == no cache, scan == unrolled, vocab sharding axes."""
 
 import jax
@@ -7,14 +7,14 @@ import pytest
 from flax import nnx
 
 import reference_lm_np as R
-from crate_jax.lm.inference import model_from_params
+from crate_jax.checkpoint.bundle import model_from_params
 from crate_jax.models import abstract_model, count_params
 from crate_jax.models import lm_decode as D
 from crate_jax.models.lm import build_lm, lm_config, param_count
 from crate_jax.parallel.sharding import state_axes
 from crate_jax.weights import gpt
 
-# SPEC §5 (vocab 50257, block 1024); GPT-2 small from the issue; CRATE-α LM sizes are ours (README).
+# docs/math.md §Language models (vocab 50257, block 1024); GPT-2 small (124M); CRATE-α LM sizes are ours (docs/language.md).
 PINNED = {
     ("crate_gpt", "crate"): 60_663_552, ("crate_gpt", "crate-medium"): 128_132_096,
     ("crate_gpt", "crate-large"): 242_817_280, ("crate_gpt", "crate-xl"): 451_073_600,

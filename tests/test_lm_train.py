@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from configs import lm
+from crate_jax.configs import lm
 from crate_jax.data import text_prepare as TP
 from crate_jax.models import ConfigError
 from crate_jax.parallel.mesh import make_mesh

@@ -1,4 +1,4 @@
-"""CRATE-MAE (SPEC §4): parameter counts, parity with the float64 reference through the importer and
+"""CRATE-MAE (docs/math.md §CRATE-MAE): parameter counts, parity with the float64 reference through the importer and
 `predict --mask`, the official masking and loss, and import errors."""
 
 import jax

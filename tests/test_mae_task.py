@@ -6,7 +6,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import mae
+from crate_jax.configs import mae
 from crate_jax.checkpoint.training import TrainCheckpointer
 from crate_jax.models.mae import mae_sincos_2d
 from crate_jax.parallel.mesh import make_mesh

@@ -1,4 +1,4 @@
-"""Model structure: parameter counts pinned to SPEC.md, scan == unrolled, bf16, attention paths, config errors."""
+"""Model structure: parameter counts pinned to docs/math.md, scan == unrolled, bf16, attention paths, config errors."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ from crate_jax.models import layers as L
 from crate_jax.models.flops import forward_flops
 from crate_jax.info import xla_forward_flops
 
-# SPEC.md §1.5, §2.3 (224 px, 1000 classes) and big_vision ViT.
+# docs/math.md §Sizes (224 px, 1000 classes) and big_vision ViT.
 PINNED = {
     ("crate", "T/16"): 6_090_856, ("crate", "S/16"): 13_116_328, ("crate", "B/16"): 22_796_008,
     ("crate", "L/16"): 77_641_192,

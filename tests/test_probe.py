@@ -66,7 +66,7 @@ def test_holdout_is_stratified_and_fixed():
 
 
 def test_evaluator_config_errors_name_the_key():
-    from configs import digits
+    from crate_jax.configs import digits
     from crate_jax.train.setup import make_task
     cfg = digits.get_config("steps=2")
     task = make_task(cfg)

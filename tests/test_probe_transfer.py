@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import transfer
+from crate_jax.configs import transfer
 from crate_jax.data import loader
 from crate_jax.data.classification import MnistSource
 from crate_jax.train.loop import train_and_evaluate
@@ -48,7 +48,7 @@ def test_transfer_fine_tunes_from_a_crate_mae_bundle_on_mock_cifar10(tmp_path):
     cfg = mae_config("T/8", image_size=16, width=16, depth=1, num_heads=2)
     save_bundle(tmp_path / "mae", cfg, jax.tree.map(np.asarray, jax.jit(lambda: params_dict(build_mae(cfg, 0)))()))
     c = transfer.get_config(f"dataset=cifar10,init={tmp_path / 'mae'}")
-    # the classifier's structure is read from the bundle: CRATE, λ = 0.5, final eps 1e-6 (SPEC §4)
+    # the classifier's structure is read from the bundle: CRATE, λ = 0.5, final eps 1e-6 (docs/math.md §CRATE-MAE)
     assert (c.model.name, c.model.lmbda, c.model.final_ln_eps, c.model.width) == ("crate", 0.5, 1e-6, 16)
     c = shrink(c)
     c.evals = {}

@@ -1,7 +1,7 @@
 """Self-checks of the float64 numpy reference (tests/reference_np.py).
 
 The reference is what our Flax models are judged against, so it is checked here against the
-numbers and closed forms of SPEC.md, against hand computations, and (where cheap) against
+numbers and closed forms of docs/math.md, against hand computations, and (where cheap) against
 torch / jax primitives that share no code with it.
 """
 
@@ -13,10 +13,10 @@ import pytest
 import reference_np as R
 
 # ----------------------------------------------------------------------------------------------
-# Layouts and parameter counts (SPEC 1.5, 1.6, 2.3-2.5, 3.1)
+# Layouts and parameter counts (docs/math.md §Sizes, §CLIPA; docs/weights.md §Layouts)
 # ----------------------------------------------------------------------------------------------
 
-CRATE_PRESETS = {  # dim, depth, heads, params (SPEC 1.5)
+CRATE_PRESETS = {  # dim, depth, heads, params (docs/math.md §Sizes)
     "T": (384, 12, 6, 6_090_856),
     "S": (576, 12, 12, 13_116_328),
     "B": (768, 12, 12, 22_796_008),
@@ -26,7 +26,7 @@ CRATE_PRESETS = {  # dim, depth, heads, params (SPEC 1.5)
 ALPHA_VARIANTS = {"Ti": (192, 12, 3), "S": (576, 12, 12), "B": (768, 12, 12),
                   "L": (1024, 24, 16), "H": (1280, 32, 16), "g": (1408, 40, 16)}
 
-ALPHA_COUNTS = {  # SPEC 2.3, @224 with 1000 classes and both biases
+ALPHA_COUNTS = {  # docs/math.md §Sizes, @224 with 1000 classes and both biases
     "Ti/16": 4_811_944, "S/16": 40_975_912, "S/32": 42_218_344, "B/32": 73_985_512,
     "B/16": 72_328_936, "B/8": 72_338_152, "L/32": 255_982_568, "L/14": 253_650_920,
     "L/8": 253_786_088, "H/14": 526_819_560, "g/14": 795_815_272,
@@ -181,7 +181,7 @@ def _softmax_rows(S):
 
 
 def test_crate_one_layer_by_hand():
-    """One CRATE layer in column form, per sample and per head (SPEC 1.2)."""
+    """One CRATE layer in column form, per sample and per head (docs/math.md §CRATE)."""
     d, K, eta, lmbda = 8, 2, 0.1, 0.1
     p = d // K
     sd = R.random_crate_state_dict(21, dim=d, depth=1, heads=K, patch=2, image_size=4,
@@ -212,7 +212,7 @@ def test_crate_one_layer_by_hand():
 
 
 def test_crate_alpha_one_block_by_hand():
-    """One CRATE-alpha block in column form, per sample and per head (SPEC 2.1.4-2.1.6)."""
+    """One CRATE-alpha block in column form, per sample and per head (docs/math.md §CRATE-α, §ODL)."""
     d, K, eta, lmbda = 8, 2, 0.1, 0.1
     p = d // K
     params = _alpha(22, dim=d, depth=1, heads=K)
@@ -474,7 +474,7 @@ def test_text_tower_depth0_pools_the_last_position():
 
 
 def test_text_tower_one_block_by_hand():
-    """One text block in column form, per head, with biases and tanh-GELU (SPEC 3.1)."""
+    """One text block in column form, per head, with biases and tanh-GELU (docs/math.md §CLIPA)."""
     params = _two_tower(txt_depth=1)
     w, K, p = 12, 3, 4
     tokens = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 0, 0]])
@@ -537,7 +537,7 @@ def test_clipa_embeddings_normalised_and_temperature():
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses (SPEC 3.2, SigLIP)
+# Losses (docs/math.md §Contrastive loss, SigLIP)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -582,7 +582,7 @@ def test_sigmoid_loss_properties():
 
 
 # ----------------------------------------------------------------------------------------------
-# Coding rate and sparsity (SPEC 6)
+# Coding rate and sparsity (docs/math.md §Coding rate)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -642,7 +642,7 @@ def test_official_sparsity():
 
 
 # ----------------------------------------------------------------------------------------------
-# Position embeddings (SPEC 2.6)
+# Position embeddings (docs/math.md §Position tables)
 # ----------------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import simdino
+from crate_jax.configs import simdino
 from crate_jax.checkpoint.training import TrainCheckpointer
 from crate_jax.parallel.mesh import make_mesh
 from crate_jax.ssl.simdino_task import SimDINOTask, momentum_at

@@ -11,10 +11,8 @@ import sys
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)  # configs/ is not an installed package
 
-
-from configs import scaling  # noqa: E402
+from crate_jax.configs import scaling  # noqa: E402
 from crate_jax import sweep  # noqa: E402
 from crate_jax.models.config import model_config  # noqa: E402
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from configs import digits
+from crate_jax.configs import digits
 
 
 def tiny_config(**overrides):

@@ -1,4 +1,4 @@
-"""White-box analysis: per-layer coding rate, compression and sparsity (SPEC §6), attention maps and
+"""White-box analysis: per-layer coding rate, compression and sparsity (docs/math.md §Coding rate), attention maps and
 emergent segmentation. The command is `python -m crate_jax.analyze`.
 
 Main entry points (the rate functions live in the module `crate_jax.analysis.coding_rate`):

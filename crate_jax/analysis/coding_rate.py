@@ -1,4 +1,4 @@
-"""Coding rate, compression term and sparsity (SPEC §6), in JAX, batched over any leading axes.
+"""Coding rate, compression term and sparsity (docs/math.md §Coding rate), in JAX, batched over any leading axes.
 
 Tokens are rows: `Z [..., N, d]` (the papers' `Z ∈ R^{d×N}` transposed). Two forms:
 
@@ -80,7 +80,7 @@ def unit_normalize(X: jax.Array, axis: int = -1, floor: float = 1e-12) -> jax.Ar
 
 
 def official_compression(X: jax.Array, eps_sq: float = 0.01) -> jax.Array:
-    """Official measurement: per-sample `R_b = ½ Σ_k logdet(I_N + p/(N·eps_sq) X̂_bk X̂_bkᵀ)` (SPEC §6).
+    """Official measurement: per-sample `R_b = ½ Σ_k logdet(I_N + p/(N·eps_sq) X̂_bk X̂_bkᵀ)` (docs/math.md).
 
     Args:
       X: `[B, N, K, p]`, a layer's MSSA projections `LN1(Z^ℓ) U` in the model's own layout (all N tokens,

@@ -1,4 +1,4 @@
-"""Per-layer compression and sparsity of a language model over token sequences (SPEC §6, on text).
+"""Per-layer compression and sparsity of a language model over token sequences (docs/math.md §Coding rate, on text).
 
 `measure_lm(model, tokens [M, T])` returns the rows of `crate_jax.analysis.measure.summarize`, one per
 layer, with the same keys and definitions as for images (see `crate_jax.analysis.measure`), the
@@ -31,7 +31,7 @@ from crate_jax.analysis.measure import (OFFICIAL_EPS_SQ, PAPER_EPS, _committed, 
 
 
 def lm_has_subspaces(model) -> bool:
-    return model.cfg.model in ("crate_gpt", "crate_alpha")
+    return model.cfg.model in ("crate_gpt", "crate_alpha", "crate_bert")
 
 
 def lm_forward_captures(model, tokens: jax.Array) -> dict[str, jax.Array]:

@@ -1,4 +1,4 @@
-"""Per-layer compression and sparsity of a model over a dataset (SPEC §6), jitted and batched.
+"""Per-layer compression and sparsity of a model over a dataset (docs/math.md §Coding rate), jitted and batched.
 
 `measure_model(model, images)` returns one dict per layer. The keys, for layer ℓ (0-based) of a model
 with tokens `Z^ℓ [N+1, d]` entering layer ℓ (cls token included):

@@ -4,7 +4,7 @@ Every source becomes an `ImageSet`: `display` `uint8 [M, S, S, 3]` (what the plo
 `normalized` `float32 [M, S, S, 3]` (what the model sees), `S = cfg.image_size`. Preprocessing is
 the evaluation transform without the 0.875 crop by default: resize the short side to
 `S / crop_fraction` (bicubic), centre-crop `S × S`, scale to [0, 1], subtract the ImageNet mean and
-divide by its std (SPEC §2.2).
+divide by its std (docs/weights.md §Layouts).
 
 The bundled sets are photos that ship inside scikit-image (`skimage.data`) and the held-out split of
 scikit-learn's digits (`digits-test`, the split `configs/digits.py` evaluates on), so the analysis runs

@@ -6,19 +6,13 @@ tokens: `attn [K, N]`, `feats [N, F]`, `N = g²`.
 * `threshold_attention`: DINO-style coarse masks, per head the smallest set of patches holding a
   fraction `mass` of the cls token's attention.
 * `pca_rgb`: the first three principal components of the patch features as an RGB picture.
-* `maskcut`: MaskCut-style normalized cuts (Wang et al., 2023): a graph of patches joined where the
-  cosine similarity of their features exceeds `tau`, the second-smallest generalized eigenvector of
-  `(D − A) x = λ D x`, a bipartition at its mean, the side holding the most confident patch as
-  foreground (flipped if it covers two or more image corners, a background cue), the connected part of
-  it around that patch as one object; the object's patches are then removed and the cut repeated.
+* `maskcut`: MaskCut (Wang et al., 2023) as CutLER publishes it, on `[N, F]` patch features:
+  `crate_jax.analysis.cutler.maskcut` on the `g × g` grid (see there for the algorithm).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
-import scipy.ndimage
-from threadpoolctl import threadpool_limits
 
 
 def grid_size(num_patches: int) -> int:
@@ -66,66 +60,22 @@ def pca_rgb(feats: np.ndarray, grid: int | None = None) -> np.ndarray:
     return rgb.reshape(g, g, 3)
 
 
-def patch_affinity(feats: np.ndarray, tau: float = 0.2, eps: float = 1e-5) -> np.ndarray:
-    """Binary cosine-similarity graph `[N, N]`: 1 where `cos(f_i, f_j) > tau`, `eps` elsewhere (keeps it connected)."""
-    f = np.asarray(feats, np.float64)
-    f = f / np.maximum(np.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
-    return np.where(f @ f.T > tau, 1.0, eps)
-
-
-def fiedler_vector(A: np.ndarray) -> np.ndarray:
-    """Second-smallest generalized eigenvector of `(D − A) x = λ D x`, `D = diag(A 1)`: `[N]`.
-
-    Runs single-threaded: for patch graphs (N up to ~1000) BLAS threads only add overhead, and on a busy
-    machine (JAX's own threads) multi-threaded OpenBLAS spin-waits ~100× longer than the solve itself.
-    """
-    d = A.sum(axis=1)
-    with threadpool_limits(limits=1, user_api="blas"):
-        _, vec = scipy.linalg.eigh(np.diag(d) - A, np.diag(d), subset_by_index=[1, 1])
-    return vec[:, 0]
-
-
-def _corner_count(mask_grid: np.ndarray) -> int:
-    return int(mask_grid[0, 0]) + int(mask_grid[0, -1]) + int(mask_grid[-1, 0]) + int(mask_grid[-1, -1])
-
-
 def maskcut(feats: np.ndarray, num_objects: int = 3, *, tau: float = 0.2, grid: int | None = None,
             eps: float = 1e-5) -> list[np.ndarray]:
-    """Up to `num_objects` object masks from patch features by repeated normalized cuts.
+    """Up to `num_objects` object masks from patch features by CutLER's MaskCut (`cutler.maskcut`).
 
     Args:
       feats: `[N, F]` patch features (no cls token), row-major over the `g × g` grid.
-      num_objects: how many cuts to make; stops early when fewer than two patches remain.
+      num_objects: how many cuts to make.
       tau: cosine-similarity threshold for an edge.
     Returns:
       list of `bool [g, g]` masks, disjoint, in the order found.
     """
+    from crate_jax.analysis import cutler
+
     feats = np.asarray(feats, np.float64)
-    n = feats.shape[0]
-    g = grid or grid_size(n)
-    taken = np.zeros(n, bool)
-    masks = []
-    for _ in range(num_objects):
-        idx = np.flatnonzero(~taken)
-        if idx.size < 2:
-            break
-        v = fiedler_vector(patch_affinity(feats[idx], tau, eps))
-        v = v * np.sign(v[np.argmax(np.abs(v))] or 1.0)  # the most confident patch on the positive side
-        side = v > v.mean()
-        fg = np.zeros(n, bool)
-        fg[idx[side]] = True
-        if _corner_count(fg.reshape(g, g)) >= 2:  # looks like background: take the other side
-            v, side = -v, ~side
-            fg[:] = False
-            fg[idx[side]] = True
-        if not fg.any():
-            break
-        seed = idx[side][np.argmax(v[side])]
-        labels, _ = scipy.ndimage.label(fg.reshape(g, g))  # 4-connected parts of the foreground
-        obj = labels.reshape(-1) == labels.reshape(-1)[seed]
-        masks.append(obj.reshape(g, g))
-        taken |= obj
-    return masks
+    g = grid or grid_size(feats.shape[0])
+    return cutler.maskcut(feats.reshape(g, g, -1), n_masks=num_objects, tau=tau, eps=eps)
 
 
 def upsample(grid_map: np.ndarray, patch: int) -> np.ndarray:

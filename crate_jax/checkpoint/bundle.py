@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from crate_jax.checkpoint.files import atomic_dir
+from crate_jax.checkpoint.outputs import OutputError, atomic_output_dir, check_destination
 from crate_jax.models import registry
 
 MODEL_JSON = "model.json"
@@ -40,24 +40,40 @@ def params_dict(model: nnx.Module) -> dict:
 
 
 def save_bundle(directory: str | os.PathLike, cfg, params: dict, *, source: str = "", overwrite: bool = False,
-                extra: dict | None = None) -> Path:
-    """Writes `params` (nested dict of arrays, as `params_dict` returns) and `cfg` to `directory`."""
+                extra: dict | None = None, keep_old: bool = False, assets: dict | None = None) -> Path:
+    """Writes `params` (nested dict of arrays, as `params_dict` returns) and `cfg` to `directory`, with
+    `assets` (bundle-relative name -> bytes to write, or a `Path` to copy) in the same atomic step. An existing
+    non-empty `directory` is refused unless `overwrite`; it is then swapped out only once the new bundle is
+    complete, and kept as `NAME.old-STAMP` with `keep_old` (`crate_jax.checkpoint.outputs`)."""
     directory = Path(directory).absolute()
-    if directory.exists() and any(directory.iterdir()):
-        if not overwrite:
-            raise BundleError(f"output directory {directory} exists and is not empty; choose a new directory "
-                              f"or pass overwrite=True (--overwrite)")
+    try:
+        check_destination(directory, directory=True, overwrite=overwrite)
+    except OutputError as e:
+        raise BundleError(str(e)) from e
     bad = nonfinite_leaves(params)
     if bad:
         raise BundleError(f"refusing to write {directory}: {len(bad)} parameter arrays hold NaN or inf "
                           f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
     meta = {"kind": registry.kind_of(cfg), "config": cfg.to_dict(), "source": source, **(extra or {})}
-    with atomic_dir(directory) as tmp:  # a failure leaves no half-written bundle; the result is shareable
+    # a failure or a kill leaves no half-written bundle under the name; the result is shareable
+    with atomic_output_dir(directory, overwrite=overwrite, keep_old=keep_old) as tmp:
         (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        write_assets(tmp, assets or {})
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
             ckptr.wait_until_finished()
     return directory
+
+
+def write_assets(directory: Path, assets: dict) -> None:
+    import shutil
+    for name, content in assets.items():
+        target = directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            shutil.copyfile(content, target)
 
 
 def nonfinite_leaves(params) -> list[str]:
@@ -128,11 +144,21 @@ def load_bundle(directory: str | os.PathLike, *, cfg=None, shardings: Callable[[
     if bad:
         raise BundleError(f"{directory}: {len(bad)} parameter arrays hold NaN or inf ({', '.join(bad[:5])}"
                           f"{', ...' if len(bad) > 5 else ''}); this model cannot give meaningful outputs")
-    nnx.replace_by_pure_dict(param_state, restored)
-    if jax.tree.leaves(rest):
+    return cfg, _assemble(cfg, graphdef, param_state, rest, restored)
+
+
+def model_from_params(cfg, params: dict):
+    """The model of `cfg` (any registered kind) holding `params` (nested dict of arrays, as `params_dict`
+    returns); no random init runs. Shapes must match the config exactly."""
+    graphdef, param_state, rest = nnx.split(registry.abstract(cfg), nnx.Param, ...)
+    return _assemble(cfg, graphdef, param_state, rest, jax.tree.map(jax.numpy.asarray, params))
+
+
+def _assemble(cfg, graphdef, param_state, rest, params):
+    nnx.replace_by_pure_dict(param_state, params)
+    if jax.tree.leaves(rest):  # fixed tables are not stored: rebuilt from the config
         nnx.replace_by_pure_dict(rest, fixed_variables(cfg))
-    model = nnx.merge(graphdef, param_state, rest)
-    return cfg, model
+    return nnx.merge(graphdef, param_state, rest)
 
 
 def fixed_variables(cfg) -> dict:

@@ -1,14 +1,12 @@
 """Reading a user's `.npy` input with errors that say what the file is instead (`read_npy`), and writing
-files that others will read: atomically (a temporary sibling renamed into place, so a
-failure never leaves a half-written output) and with the permissions the user's umask gives a new
-file, not the 0600 / 0700 that `tempfile` uses for its private temporaries. Bundles and exported
-weights are meant to be shared."""
+files that others will read: atomically (`crate_jax.checkpoint.outputs`: a temporary sibling swapped
+into place, so a failure or a kill never leaves a half-written output) and with the permissions the
+user's umask gives a new file, not the 0600 / 0700 that `tempfile` uses for its private temporaries.
+Bundles and exported weights are meant to be shared."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,42 +28,6 @@ def make_shareable(path: str | os.PathLike) -> None:
         if p.is_symlink():
             continue
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb"):
-    """`with atomic_file(p) as f: f.write(...)`: `p` appears complete, with the usual permissions, or not
-    at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        make_shareable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_dir(directory: str | os.PathLike):
-    """`with atomic_dir(d) as tmp: ...write into tmp...`: `d` is replaced by the finished `tmp` (with the
-    usual permissions) only if the block succeeds."""
-    import shutil
-    directory = Path(directory).absolute()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        yield tmp
-        make_shareable(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_npy(path: str | os.PathLike, what: str, flag: str, error: type[Exception] = ValueError) -> np.ndarray:

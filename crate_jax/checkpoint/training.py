@@ -9,23 +9,35 @@ restored. On resume, the newest step is checked before it is used:
   array files, an unreadable data-iterator file): the step is **set aside**, i.e. moved, never
   deleted, to `WORKDIR/checkpoints.set_aside/<step>-<time>/` with a `REASON.txt`, a warning is
   printed, and the next older step is tried. Saving that step again later cannot collide with it.
+* a data-iterator state that parses but is not what the iterator writes (the caller's `use_data`
+  check says so): set aside the same way.
 * written by a different run (other parameter shapes or state structure, another number of
-  processes): a `CheckpointError` saying what differs; nothing is touched.
+  processes, another data stream): a `CheckpointError` saying what differs; nothing is touched.
+
+A save that fails (a full disk, most often) raises a `CheckpointError` naming the step whose save
+failed, also when an asynchronous save fails in the background and surfaces at the next save or wait.
+Nothing committed is lost: the half-written `<step>.orbax-checkpoint-tmp*` is removed by the next run,
+which resumes from the newest committed step. `CRATE_JAX_TEST_DISK_FULL_AT_STEP=s` makes the save of
+step `s` fail with ENOSPC, for the fault tests.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from crate_jax import errors
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +65,7 @@ def committed_steps(directory) -> list[int]:
 # A per-process JSON item: every process writes its own file into the step directory before commit.
 class ProcessJsonHandler(ocp.CheckpointHandler):
     def save(self, directory: epath.Path, args: "ProcessJsonSave"):
+        _maybe_fail_for_test(directory)
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         (directory / name).write_text(json.dumps(args.item))
 
@@ -85,8 +98,8 @@ class ProcessJsonRestore(ocp.args.CheckpointArgs):
     item: Any = None
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(errors.StateError):
+    """A checkpoint directory that cannot be used or written as it is (exit 3); the message says why."""
 
 
 class ProcessCountMismatch(CheckpointError):
@@ -120,6 +133,8 @@ class TrainCheckpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers={"state": ocp.StandardCheckpointHandler(),
                                                             "data": ProcessJsonHandler()})
+        self._in_flight: int | None = None  # the step of a save that may still be writing
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -131,11 +146,41 @@ class TrainCheckpointer:
         args = {"state": ocp.args.StandardSave(state)}
         if data_state is not None:
             args["data"] = ProcessJsonSave(data_state)
-        return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        try:  # Orbax first waits for the previous save: its failure surfaces here too
+            saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        except Exception as e:  # noqa: BLE001 - tensorstore / Orbax / the OS raise many kinds
+            raise self._save_failed(e, step) from e
+        if saved:
+            self._in_flight = step
+        return saved
 
-    def restore(self, abstract_state, *, with_data: bool = True) -> tuple[int, Any, dict | None] | None:
+    def _save_failed(self, e: BaseException, step: int | None) -> CheckpointError:
+        """The error for a failed save: names the step whose save failed (the one still in flight, if it
+        never committed, else `step`) and the newest committed step a rerun resumes from."""
+        self._failed = True
+        failed = step
+        if self._in_flight is not None and self._in_flight not in committed_steps(self.directory):
+            failed = self._in_flight
+        self._in_flight = None
+        good = [s for s in committed_steps(self.directory) if failed is None or s < failed]
+        resume = (f"a rerun resumes from step {good[-1]}, the newest complete checkpoint" if good else
+                  "no complete checkpoint exists yet, so a rerun starts from step 0")
+        what = (f"no space left on the device under {self.directory}" if errors.is_disk_full(e) else
+                f"{type(e).__name__}: {_first_line(e)}")
+        which = f"the checkpoint of step {failed}" if failed is not None else "a checkpoint"
+        return CheckpointError(f"{which} could not be written ({what}); free space (or fix "
+                               f"the cause) and rerun the same command: {resume}. Nothing committed was lost")
+
+    def has_steps(self) -> bool:
+        """Whether any step directory exists (committed or not): a workdir that holds a run."""
+        return bool(self._step_dirs())
+
+    def restore(self, abstract_state, *, with_data: bool = True,
+                use_data: Callable[[Any, Any], str | None] | None = None) -> tuple[int, Any, dict | None] | None:
         """Restores the newest restorable step onto the shardings in `abstract_state` (ShapeDtypeStructs),
-        setting aside damaged steps on the way (see the module docstring). Returns `(step, state,
+        setting aside damaged steps on the way (see the module docstring). `use_data(step_dir, data_state)`,
+        if given, applies a restored data-iterator state and returns None, or says why the state is damaged
+        (the step is set aside), or raises `CheckpointError` for another run's state. Returns `(step, state,
         data_state)`, or None when the directory holds no checkpoint at all. Raises `CheckpointError` when
         the newest intact step belongs to another run, or when every step was damaged."""
         self.manager.reload()
@@ -157,6 +202,15 @@ class TrainCheckpointer:
                     if _STRUCTURE_MISMATCH in str(e):  # intact, but another run's state layout
                         raise CheckpointError(self._other_run(step, " ".join(str(e).split())[:600])) from None
                     problem = f"cannot be read: {type(e).__name__}: {_first_line(e)}"
+            other_run = None
+            if problem is None and with_data and use_data is not None:
+                try:
+                    problem = use_data(self.directory / str(step), out["data"])
+                except CheckpointError as e:
+                    other_run = e
+            if not _agree(other_run is None):  # every process stops, before anything is set aside
+                raise other_run or CheckpointError(f"{self.directory / str(step)}: another process found a "
+                                                   f"data-iterator state of another run; nothing was changed")
             if not _agree(problem is None):  # a step is used only if every process could read it
                 problem = problem or "cannot be read by another process"
             if problem is None:
@@ -228,11 +282,30 @@ class TrainCheckpointer:
         return str(step)
 
     def wait(self):
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - a background save failed
+            raise self._save_failed(e, None) from e
+        self._in_flight = None
 
     def close(self):
-        self.manager.wait_until_finished()
+        """Waits for the last save and closes. After a failed save, whose error is already on its way up,
+        later failures of the same kind are only logged."""
+        if self._failed:
+            try:
+                self.manager.close()
+            except Exception as e:  # noqa: BLE001
+                log.info("closing the checkpoint manager after a failed save: %s", e)
+            return
+        self.wait()
         self.manager.close()
+
+
+def _maybe_fail_for_test(directory) -> None:
+    """The fault tests' full disk: `CRATE_JAX_TEST_DISK_FULL_AT_STEP=s` fails step `s`'s save."""
+    at = os.environ.get("CRATE_JAX_TEST_DISK_FULL_AT_STEP")
+    if at and epath.Path(directory).parent.name.split(".")[0] == at:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""CLIPA-style image-text pre-training (SPEC.md §3, §7.4, §7.5) on the shared engine.
+"""CLIPA-style image-text pre-training (docs/math.md §CLIPA; docs/clipa.md §Recipes) on the shared engine.
 
 * `crate_jax.clip.task`: `ClipTask`, the engine's task for `config.task == 'clip'`.
 * `crate_jax.clip.loss`: global-batch contrastive and sigmoid losses, one device's rows at a time.

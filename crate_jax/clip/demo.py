@@ -48,7 +48,7 @@ def stage_args(data: Path, *, stage: str, steps: int, batch: int, lr: float, war
 
 
 def run_stage(name: str, arg: str, workdir: Path) -> dict:
-    from configs import clipa
+    from crate_jax.configs import clipa
     from crate_jax.train.loop import train_and_evaluate
     config = clipa.get_config(arg)
     config.checkpoint_every = config.total_steps  # one checkpoint at the end (plus on SIGTERM)
@@ -71,13 +71,12 @@ def final_eval(workdir: Path) -> dict:
     return evals[-1]
 
 
-def export_bundle(workdir: Path, arg: str, out: Path) -> Path:
-    from configs import clipa
-    from crate_jax.checkpoint.bundle import save_bundle
-    from crate_jax.clip.task import two_tower_config_from
-    from crate_jax.checkpoint.params import read_params
-    cfg = two_tower_config_from(clipa.get_config(arg))
-    return save_bundle(out, cfg, read_params(workdir), source=f"crate_jax.clip.demo:{workdir.name}", overwrite=True)
+def export_bundle(workdir: Path, out: Path) -> Path:
+    """The fine-tuned run as a bundle, with its class names, WordPiece vocab, preprocessing and card."""
+    from crate_jax.checkpoint import models
+    from crate_jax.checkpoint.outputs import check_output
+    check_output(out, workdirs=(workdir,))
+    return models.bundle_from(workdir, out, overwrite=True, label=f"crate_jax.clip.demo:{workdir.name}")[2]
 
 
 def main(argv=None) -> int:
@@ -113,7 +112,7 @@ def main(argv=None) -> int:
                         warmup=args.finetune_steps // 10, res=64, init=str(root / "pretrain"), posemb=args.posemb)
     run_stage("fine-tuning at 64 px (64 patches), posemb interpolated", ft_arg, root / "finetune")
     ft = final_eval(root / "finetune")
-    bundle = export_bundle(root / "finetune", ft_arg, root / "bundle")
+    bundle = export_bundle(root / "finetune", root / "bundle")
 
     wall = time.perf_counter() - t_start
     top1 = ft["eval/synth/top1"]
@@ -133,4 +132,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from crate_jax import errors
+    errors.exit_with(main)

@@ -1,4 +1,4 @@
-"""Image-text losses over the **global** batch, computed one device's rows at a time (SPEC §3.2).
+"""Image-text losses over the **global** batch, computed one device's rows at a time (docs/math.md §Contrastive loss).
 
 `zimg, ztxt [B, E]` are the L2-normalised embeddings of the whole global batch, sharded on the
 batch axis over the mesh axes (`data`, `fsdp`). Each device all-gathers both towers' embeddings,

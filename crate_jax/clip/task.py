@@ -144,7 +144,7 @@ class ClipTask(TaskBase):
             vocab = self.config.data.get("vocab")
             if not vocab:
                 raise ConfigError("config.data.vocab is empty: pass vocab=FILE (a BERT-layout vocab.txt, "
-                                  "e.g. BERT uncased_L-12_H-768_A-12/vocab.txt; SPEC §7.4)")
+                                  "e.g. BERT uncased_L-12_H-768_A-12/vocab.txt; docs/clipa.md §Recipes)")
             local = _local_copy(str(vocab))
             if not os.path.isfile(local):
                 raise ConfigError(f"config.data.vocab: {vocab} does not exist (expected a BERT vocab.txt)")

@@ -1,4 +1,4 @@
-"""Zero-shot classification and image↔text retrieval for a two-tower model (SPEC §7.4 eval), and
+"""Zero-shot classification and image↔text retrieval for a two-tower model (docs/clipa.md §Recipes), and
 the two evaluators built on them (`type='zeroshot'`, `type='retrieval'` in `config.evals`).
 
 * Zero-shot: every class name is put into every prompt template (`"a photo of a {}."`), the
@@ -17,61 +17,25 @@ name is looked up in `crate_jax/eval/assets/`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from crate_jax.eval.names import load_classnames, load_templates  # noqa: F401 - also used as Z.load_* by tests
 from crate_jax.models.config import ConfigError
 from crate_jax.models.preprocess import normalize
 from crate_jax.parallel import sharding as sh
 from crate_jax.train import metrics as M
 from crate_jax.train.evaluation import schedule_of
 
-ASSETS = Path(__file__).resolve().parents[1] / "eval" / "assets"
 RECALL_KS = (1, 5, 10)
 
 
-# ---------------------------------------------------------------------------------------- files
-def resolve_asset(path: str | Path) -> Path:
-    """An existing file, or a bare name of a file shipped in `crate_jax/eval/assets/`."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if (ASSETS / p.name).is_file() and len(p.parts) == 1:
-        return ASSETS / p.name
-    raise FileNotFoundError(f"{path}: no such file (and no {p.name!r} in {ASSETS}); expected class names or "
-                            f"prompt templates, one per line")
+# Class names and prompt templates: crate_jax/eval/names.py
 
-
-def load_classnames(path: str | Path) -> list[str]:
-    """Class names: one per line, or a JSON file with a `classes` list."""
-    p = resolve_asset(path)
-    if p.suffix == ".json":
-        info = json.loads(p.read_text(encoding="utf-8"))
-        if not isinstance(info, dict) or not isinstance(info.get("classes"), list):
-            raise ValueError(f"{p}: expected a JSON object with a 'classes' list of names")
-        names = [str(c) for c in info["classes"]]
-    else:
-        names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not names:
-        raise ValueError(f"{p}: no class names found")
-    return names
-
-
-def load_templates(path: str | Path) -> list[str]:
-    """Prompt templates, one per line, each containing `{}` where the class name goes."""
-    p = resolve_asset(path)
-    out = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    bad = [t for t in out if "{}" not in t]
-    if not out or bad:
-        raise ValueError(f"{p}: every prompt template must contain '{{}}' (for the class name); "
-                         f"{'no templates found' if not out else f'offending lines: {bad[:3]}'}")
-    return out
 
 
 # ------------------------------------------------------------------------------------ embedding

@@ -8,7 +8,7 @@ Classification:
 * ``classification``: classification sources (digits, TFDS, image folders), ``default_data_config()``.
 * ``augment``: the train recipe (Inception crop, flip, RandAugment) and the eval recipe.
 
-Image-text (CLIPA, SPEC.md §7.4):
+Image-text (CLIPA, docs/clipa.md §Recipes):
 
 * ``shard_patterns`` (brace / glob patterns, fsspec), ``tar_reader``, ``tar_writer``: webdataset shards.
 * ``shard_stream``: one process's deterministic sample stream; ``shard_train`` / ``shard_eval``: the

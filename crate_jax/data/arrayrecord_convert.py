@@ -2,7 +2,7 @@
 
 ``python -m crate_jax.data.arrayrecord_convert --shards 'shards/{00000..00009}.tar' --out DIR``
 
-writes a TFDS dataset directory whose examples have the features CLIPA reads (SPEC.md §7.4):
+writes a TFDS dataset directory whose examples have the features CLIPA reads (docs/clipa.md §Recipes):
 ``jpg`` (the image, stored as the original encoded bytes, not re-encoded) and ``txt`` (the caption
 text; several captions stay one per line), plus ``key`` (``'{shard index:06d}/{sample key}'``) and
 ``json`` (the raw metadata string, '' if none). ``DIR`` is the builder directory itself:
@@ -26,6 +26,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from crate_jax import errors
+from crate_jax.checkpoint.outputs import atomic_output_dir, check_destination, check_output
 from crate_jax.data.batching import SkipCounter
 from crate_jax.data.captions import parse_captions
 from crate_jax.data.decode import DecodeError, decode_image
@@ -109,7 +111,7 @@ def _undecodable(where: str, data: bytes) -> dict[str, str] | None:
 
 
 def convert(pattern: str | Sequence[str], out_dir: str | os.PathLike, *, split: str = "train",
-            verify_images: bool = False, overwrite: bool = False) -> dict[str, Any]:
+            verify_images: bool = False, overwrite: bool = False, keep_old: bool = False) -> dict[str, Any]:
     """Converts the shards of ``pattern`` into the TFDS ArrayRecord dataset directory ``out_dir``.
 
     Returns ``{'out_dir', 'num_examples', 'stats', 'seconds'}``.
@@ -119,45 +121,49 @@ def convert(pattern: str | Sequence[str], out_dir: str | os.PathLike, *, split: 
     paths = expand_pattern(pattern)
     check_filesystems(paths)
     out_dir = os.fspath(out_dir)
-    if os.path.exists(os.path.join(out_dir, "dataset_info.json")):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} already holds a dataset; pass overwrite=True (--overwrite)")
-        shutil.rmtree(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    if os.listdir(out_dir):
-        raise FileExistsError(f"output directory {out_dir} is not empty")
-    staging = os.path.join(out_dir, ".staging")
+    check_output(out_dir, paths, flag="out")
+    # --overwrite replaces an earlier dataset, never a folder of other files
+    check_destination(out_dir, directory=True, overwrite=overwrite, flag="out", marker="dataset_info.json")
     t0 = time.perf_counter()
     tfds.disable_progress_bar()
-    builder = _builder_class()(paths=paths, split=split, verify_images=verify_images, data_dir=staging,
-                               file_format="array_record")
-    builder.download_and_prepare(
-        download_dir=os.path.join(staging, "downloads"),
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    # Flatten data_dir/caption_shards/1.0.0/ into out_dir so that out_dir is the builder directory.
-    for name in os.listdir(builder.data_dir):
-        shutil.move(os.path.join(builder.data_dir, name), os.path.join(out_dir, name))
-    shutil.rmtree(staging)
+    with atomic_output_dir(out_dir, overwrite=overwrite, keep_old=keep_old) as tmp:
+        staging = os.path.join(tmp, ".staging")
+        builder = _builder_class()(paths=paths, split=split, verify_images=verify_images, data_dir=staging,
+                                   file_format="array_record")
+        builder.download_and_prepare(
+            download_dir=os.path.join(staging, "downloads"),
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        # Flatten data_dir/caption_shards/1.0.0/ into the output so that it is the builder directory.
+        for name in os.listdir(builder.data_dir):
+            shutil.move(os.path.join(builder.data_dir, name), os.path.join(tmp, name))
+        shutil.rmtree(staging)
     num = builder.info.splits[split].num_examples
     return {"out_dir": out_dir, "num_examples": num, "stats": builder.conversion_stats.snapshot(),
             "seconds": time.perf_counter() - t0}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", required=True, action="append",
                    help="shard pattern, e.g. 'shards/{00000..01023}.tar' (may repeat)")
     p.add_argument("--out", required=True, help="output dataset directory (opened with builder_from_directory)")
     p.add_argument("--split", default="train")
     p.add_argument("--verify_images", action="store_true", help="decode every image, drop unreadable ones")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier dataset in --out (swapped in only once the new one is complete)")
+    p.add_argument("--keep-old", action="store_true",
+                   help="with --overwrite: keep the replaced dataset beside the new one as NAME.old-STAMP")
     a = p.parse_args(argv)
+    if a.keep_old and not a.overwrite:
+        raise errors.UsageError("--keep-old keeps the dataset that --overwrite replaces; pass both")
     logging.basicConfig(level=logging.INFO)
-    result = convert(a.shards, a.out, split=a.split, verify_images=a.verify_images, overwrite=a.overwrite)
+    result = convert(a.shards, a.out, split=a.split, verify_images=a.verify_images, overwrite=a.overwrite,
+                     keep_old=a.keep_old)
     print(f"wrote {result['num_examples']} examples to {result['out_dir']} (split {a.split!r}) in "
           f"{result['seconds']:.1f}s; skipped: "
           + (", ".join(f"{k}={v}" for k, v in result["stats"].items() if k != "samples" and v) or "none"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    errors.exit_with(main)

@@ -4,7 +4,7 @@ One implementation of each, on PIL images, plus CLIPA's ops on encoded bytes
 (``decode_inception_crop``, ``decode_resize_small_crop``), which choose the crop from the image
 header before decoding so that JPEG draft decoding can apply. The Inception box is drawn as TF's
 ``sample_distorted_bounding_box`` draws it, i.e. big_vision's ``inception_crop``, which the official
-CRATE-α code uses for ImageNet classification and for CLIPA (SPEC.md §7.4).
+CRATE-α code uses for ImageNet classification and for CLIPA (docs/clipa.md §Recipes).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What one image-text sample becomes, for the webdataset and the TFDS readers alike.
 
-* train row: CLIPA's random caption and inception crop (SPEC.md §7.4), both from the sample's rng;
+* train row: CLIPA's random caption and inception crop (docs/clipa.md §Recipes), both from the sample's rng;
   train batch: images stacked, captions tokenised;
 * eval row: the first caption, an optional integer label and the resize-small + centre crop;
 * eval batch: rows padded to the fixed batch size, with ``mask``, tokens and labels blanked on padding.

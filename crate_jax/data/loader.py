@@ -118,7 +118,7 @@ def train_stream(
 
 def _mark_absl_flags_parsed() -> None:
     # grain's worker processes read absl flags; outside absl.app.run they are unparsed and
-    # the first access raises UnparsedFlagAccessError (stack-notes §6).
+    # the first access raises UnparsedFlagAccessError.
     from absl import flags
 
     if not flags.FLAGS.is_parsed():

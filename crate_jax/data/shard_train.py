@@ -6,7 +6,7 @@ Train stream of one process (``make_train_iterator``):
     -> per-epoch shard order, a permutation drawn from (seed, process, epoch)
     -> ``cycle_length`` shards open at once, read round-robin   (``shard_stream.ShardStream``)
     -> blocks of ``shuffle_buffer`` samples, each block permuted by (seed, process, block number)
-    -> decode + CLIPA inception crop (SPEC.md §7.4), rng from (seed, epoch, shard, sample index)
+    -> decode + CLIPA inception crop (docs/clipa.md §Recipes), rng from (seed, epoch, shard, sample index)
     -> skip undecodable images (counted, logged) -> batches {'image', 'text'}
 
 The shuffle buffer is a *block* shuffle: the buffer is refilled with the next ``shuffle_buffer``

@@ -16,7 +16,8 @@ Tokenizer: `--tokenizer` a GPT-2 `vocab.json` + `merges.txt` directory or a `tok
 Held-out split: each document goes to `val` with probability `--val-fraction` (a hash of the seed
 and its index, so the split does not depend on the input's size or on the machine), else `train`.
 
-Output (written to a temporary sibling and renamed into place: a failure leaves nothing):
+Output (written to a temporary sibling and swapped into place: a failure or a kill leaves the old output
+or nothing; `--overwrite` replaces an existing one, `--keep-old` keeps it as `DIR.old-STAMP`):
 
     DIR/manifest.json        {"format", "dtype", "vocab_size", "eot_id", "tokenizer", "splits": {
                                "train": {"tokens", "documents", "shards": [{"file", "tokens"}, ...]}, "val": ...},
@@ -47,7 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crate_jax.checkpoint.files import atomic_dir
+from crate_jax import errors
+from crate_jax.checkpoint.outputs import atomic_output_dir, check_destination, check_output
 from crate_jax.text.bpe import BPETokenizer, TokenizerError, train_bpe
 
 FORMAT = "crate_jax.text_tokens/1"
@@ -228,7 +230,7 @@ class _ShardWriter:
 def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str | None = None,
             train_tokenizer: int = 0, val_fraction: float = 0.0005, seed: int = 2357, text_key: str = "text",
             shard_tokens: int = DEFAULT_SHARD_TOKENS, batch_docs: int = 256, overwrite: bool = False,
-            log=None) -> dict:
+            keep_old: bool = False, log=None) -> dict:
     """Tokenises `inputs` into `output` (see the module docstring) and returns the manifest.
 
     nanoGPT's OpenWebText split holds out 0.05 % of documents with seed 2357 (the defaults here)."""
@@ -241,9 +243,10 @@ def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str 
         raise PrepareError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise PrepareError(f"--shard-tokens must be >= 1, got {shard_tokens}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise PrepareError(f"output {out} exists and is not an empty directory; choose a new one or pass --overwrite")
+    check_destination(out, directory=True, overwrite=overwrite)
     files = expand_inputs(inputs)
+    given = [p for p in inputs if not any(c in p for c in "*?[")]  # folders named as inputs count whole
+    check_output(out, given + files + ([tokenizer] if tokenizer else []))
 
     def documents():
         index = 0
@@ -263,7 +266,7 @@ def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str 
     except TokenizerError as e:
         raise PrepareError(str(e)) from e
     dtype = token_dtype(tok.vocab_size)
-    with atomic_dir(out) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, keep_old=keep_old) as tmp:
         writers = {s: _ShardWriter(tmp, s, dtype, int(shard_tokens)) for s in SPLITS}
         pending: list[tuple[str, str]] = []
 
@@ -313,17 +316,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=2357, help="seed of the held-out split (nanoGPT: 2357)")
     ap.add_argument("--text-key", default="text", help="JSONL field / Parquet column holding the text")
     ap.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
-    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace a non-empty output directory (swapped in only once the new one is complete)")
+    ap.add_argument("--keep-old", action="store_true",
+                    help="with --overwrite: keep the replaced directory beside the new one as NAME.old-STAMP")
     a = ap.parse_args(argv)
     try:
+        if a.keep_old and not a.overwrite:
+            raise errors.UsageError("--keep-old keeps the output that --overwrite replaces; pass both")
         prepare(a.input, a.output, tokenizer=a.tokenizer, train_tokenizer=a.train_tokenizer,
                 val_fraction=a.val_fraction, seed=a.seed, text_key=a.text_key, shard_tokens=a.shard_tokens,
-                overwrite=a.overwrite)
-    except PrepareError as e:
+                overwrite=a.overwrite, keep_old=a.keep_old)
+    except (PrepareError, errors.UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.exit_with(main)

@@ -1,4 +1,4 @@
-"""Image-text pairs from a TFDS dataset directory, read as CLIPA reads DataComp (SPEC.md §7.4).
+"""Image-text pairs from a TFDS dataset directory, read as CLIPA reads DataComp (docs/clipa.md §Recipes).
 
 CLIPA opens a TFDS-format copy of its data with ``tfds.builder_from_directory(data_dir)`` and uses
 the features ``jpg`` (image) and ``txt`` (caption). Here the directory is opened the same way, read

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -68,7 +67,7 @@ def config_args(model: str, data: Path, a) -> str:
 
 
 def run_model(model: str, data: Path, workdir: Path, a) -> dict:
-    from configs import lm
+    from crate_jax.configs import lm
     from crate_jax.train.loop import train_and_evaluate
     arg = config_args(model, data, a)
     config = lm.get_config(arg)
@@ -80,19 +79,13 @@ def run_model(model: str, data: Path, workdir: Path, a) -> dict:
             "perplexity": out["eval/val/perplexity"], "tokens": out["eval/val/tokens"], "config": arg}
 
 
-def export(model: str, data: Path, workdir: Path, a) -> Path:
-    """A params-only bundle of the run, with the tokenizer beside it."""
-    from configs import lm
-    from crate_jax.checkpoint.bundle import save_bundle
-    from crate_jax.checkpoint.params import read_params
-    from crate_jax.lm.task import lm_config_from
-    from crate_jax.data.text_tokens import TokenDataset
-    ds = TokenDataset(data)
-    cfg = lm_config_from(lm.get_config(config_args(model, data, a)), ds.vocab_size)
-    out = save_bundle(workdir / "bundles" / model, cfg, read_params(workdir / model),
-                      source=f"crate_jax.lm.demo:{model}", overwrite=True)
-    shutil.copy(ds.tokenizer_path, out / "tokenizer.json")
-    return out
+def export(model: str, workdir: Path) -> Path:
+    """A params-only bundle of the run, with its tokenizer, preprocessing and card."""
+    from crate_jax.checkpoint import models
+    from crate_jax.checkpoint.outputs import check_output
+    check_output(workdir / "bundles" / model, workdirs=(workdir / model,))
+    return models.bundle_from(workdir / model, workdir / "bundles" / model, overwrite=True,
+                              label=f"crate_jax.lm.demo:{model}")[2]
 
 
 def main(argv=None) -> int:
@@ -121,7 +114,7 @@ def main(argv=None) -> int:
     results = {m: run_model(m, data, workdir, a) for m in models}
 
     from crate_jax.data.text_tokens import TokenDataset
-    from crate_jax.lm.inference import load_lm
+    from crate_jax.checkpoint.models import load
     from crate_jax.models import count_params
     from crate_jax.models import lm_decode
     from crate_jax.text.bpe import BPETokenizer
@@ -129,8 +122,8 @@ def main(argv=None) -> int:
     prompt = tok.encode(a.prompt)
     samples = {}
     for m in models:
-        bundle = export(m, data, workdir, a)
-        _, model = load_lm(bundle)
+        bundle = export(m, workdir)
+        _, model = load(bundle, kind="lm")
         results[m]["params"] = count_params(model)
         out = lm_decode.generate(model, [prompt], a.sample_tokens, temperature=0.8, top_k=40, seed=0)
         samples[m] = tok.decode(out[0].tolist())
@@ -157,4 +150,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from crate_jax import errors
+    errors.exit_with(main)

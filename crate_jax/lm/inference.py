@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from crate_jax.checkpoint.files import read_npy
+from crate_jax.models.batch_apply import apply_in_batches
 from crate_jax.models.lm import LanguageModel, LMConfig
 
 
@@ -58,61 +59,19 @@ def lm_logits(model: LanguageModel, tokens: np.ndarray, *, batch_size: int = 8) 
     graphdef, state = nnx.split(model)
     V = model.cfg.vocab_size
     fwd = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[..., :V].astype(jnp.float32))
-    n = tokens.shape[0]
-    bs = max(1, min(batch_size, n))
-    outs = []
-    for start in range(0, n, bs):
-        x = np.asarray(tokens[start:start + bs], np.int32)
-        real = x.shape[0]
-        if real < bs:
-            x = np.concatenate([x, np.zeros((bs - real,) + x.shape[1:], np.int32)])
-        outs.append(np.asarray(fwd(state, x))[:real])
-    return np.concatenate(outs)
-
-
-def load_lm(path: str | os.PathLike, step: int | None = None) -> tuple[LMConfig, LanguageModel]:
-    """`(cfg, model)` from a language-model bundle, or a training workdir (its newest committed
-    checkpoint, or `step`; only the parameters are read)."""
-    from crate_jax.checkpoint.bundle import MODEL_JSON, PARAMS_DIR, BundleError, load_bundle, load_config
-    from crate_jax.checkpoint.params import ParamsError, read_params
-    path = Path(path)
-    if (path / MODEL_JSON).is_file() and (path / PARAMS_DIR).is_dir():
-        cfg, model = load_bundle(path)
-    elif (path / MODEL_JSON).is_file() and (path / "checkpoints").is_dir():
-        cfg = load_config(path)
-        if not isinstance(cfg, LMConfig):
-            raise BundleError(f"{path} holds a {type(cfg).__name__}, not a language model (bundle kind 'lm')")
-        try:
-            params = read_params(path, step)
-        except ParamsError as e:
-            raise BundleError(str(e)) from e
-        model = model_from_params(cfg, params)
-    else:
-        raise BundleError(f"{path} is neither a bundle ({MODEL_JSON} + {PARAMS_DIR}/) nor a training workdir "
-                          f"({MODEL_JSON} + checkpoints/)")
-    if not isinstance(cfg, LMConfig):
-        raise BundleError(f"{path} holds a {type(cfg).__name__}, not a language model (bundle kind 'lm')")
-    return cfg, model
-
-
-def model_from_params(cfg: LMConfig, params: dict) -> LanguageModel:
-    """A model of `cfg` holding `params` (nested dict); no random init runs."""
-    from crate_jax.models.lm import build_lm
-    abstract = nnx.eval_shape(lambda: build_lm(cfg, 0))
-    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return nnx.merge(graphdef, state, rest)
+    return apply_in_batches(lambda t: fwd(state, t), tokens, batch_size, dtypes=[np.int32])
 
 
 def find_tokenizer(checkpoint: str | os.PathLike, explicit: str | None = None) -> Path:
-    """The tokenizer of a checkpoint: `explicit`, else `CHECKPOINT/tokenizer.json`, else the one in the training
+    """The tokenizer of a checkpoint: `explicit`, else the bundle's (`tokenizer.json`), else the one in the training
     data directory named by `CHECKPOINT/config.json` (`data.dir`)."""
     import json
     if explicit:
         return Path(explicit)
     ck = Path(checkpoint)
-    if (ck / "tokenizer.json").is_file():
-        return ck / "tokenizer.json"
+    from crate_jax.checkpoint.models import tokenizer_path
+    if tokenizer_path(ck) is not None:  # the bundle's own (preprocess.json names it)
+        return tokenizer_path(ck)
     cfg_path = ck / "config.json"
     if cfg_path.is_file():
         try:

@@ -1,6 +1,6 @@
 """Every network of the family (Flax NNX): CRATE, CRATE-α and ViT image classifiers, text towers,
 the CLIPA two-tower model; their blocks, layers, configs and the registry of model kinds. See
-SPEC.md for the math."""
+docs/math.md for the math."""
 
 from __future__ import annotations
 

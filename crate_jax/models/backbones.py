@@ -7,12 +7,12 @@ source has a counterpart for; leaves it has none for are taken from `fresh`, and
 * `classifier`: unchanged (the head is the caller's `dont_load`);
 * `self_distill` (a SimDINO student or teacher): its `backbone/...` subtree, which *is* a headless
   classifier of the same config; the DINO projection head is dropped;
-* `crate_mae`: the encoder of SPEC §4 into a `model='crate'` classifier of the same width, depth and heads,
+* `crate_mae`: the encoder of docs/math.md §CRATE-MAE into a `model='crate'` classifier of the same width, depth and heads,
   `lmbda = 0.5` and `final_ln_eps = 1e-6` (checked): `patch_embed` → `embedding` (the conv kernel
   `[P, P, C, d]`, flattened to `[P²C, d]` for CRATE's linear stem; the flattening order is the patch
   feature order, so the map is exact), `cls`, the fixed `decoder_pos_embed` table (what the encoder adds)
   → the learned `pos_embedding` (MAE's fine-tuning makes it trainable too), `encoder/blocks`, `norm` →
-  `encoder_norm`. CRATE's classifier stem has two LayerNorms around its linear map (SPEC §1.1) that the
+  `encoder_norm`. CRATE's classifier stem has two LayerNorms around its linear map (docs/math.md §CRATE) that the
   MAE's conv stem has not: `patch_norm` and `embed_norm` keep their fresh init (γ = 1, β = 0), so the
   fine-tuned network starts from a stem that normalises where the MAE's did not. The MAE decoder,
   `mask_token` and `decoder_embed` are dropped. A conv-stem classifier (`crate_alpha` / `vit`) cannot hold

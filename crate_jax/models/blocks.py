@@ -1,4 +1,4 @@
-"""One encoder layer of each family (SPEC §1.2, §2.1.4, ViT pre-LN).
+"""One encoder layer of each family (docs/math.md §CRATE, §CRATE-α, ViT pre-LN).
 
 Every block has the signature `block(x, *, key, drop_rate, mask, capture) -> x` with
 `x [B, N, d]`; `key` is None at evaluation (no dropout / drop-path), and `capture` is a dict that
@@ -26,10 +26,10 @@ def _keys(key, n):
 
 
 class CrateBlock(nnx.Module):
-    """`z = x + MSSA(LN1(x))`, then `x_next = ISTA(LN2(z))` – no residual around ISTA (SPEC §1.2).
+    """`z = x + MSSA(LN1(x))`, then `x_next = ISTA(LN2(z))` – no residual around ISTA (docs/math.md §CRATE).
 
     `inits` may replace the MSSA initialisers (`proj`, `out`, `out_bias`); the default is torch's
-    nn.Linear init of the image model (SPEC §1.4). CRATE-GPT passes its nanoGPT-style init (SPEC §5).
+    nn.Linear init of the image model (docs/math.md §CRATE). CRATE-GPT passes its nanoGPT-style init (§Language models).
     """
 
     def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs, inits: dict | None = None):
@@ -56,7 +56,7 @@ class CrateBlock(nnx.Module):
 
 
 class CrateAlphaBlock(nnx.Module):
-    """`x += MSSA(LN_0(x))`, `x += ODL(LN_1(x))` with dropout and drop-path (SPEC §2.1.4)."""
+    """`x += MSSA(LN_0(x))`, `x += ODL(LN_1(x))` with dropout and drop-path (docs/math.md §CRATE-α)."""
 
     def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs):
         dt = _dtypes(cfg)
@@ -79,11 +79,15 @@ class CrateAlphaBlock(nnx.Module):
 
 
 class ViTBlock(nnx.Module):
-    """Pre-LN transformer block: `x += MHA(LN(x))`, `x += MLP(LN(x))`."""
+    """Pre-LN transformer block: `x += MHA(LN(x))`, `x += MLP(LN(x))`. `cfg.init` / `cfg.gelu` pick the
+    big_vision or the DINO flavour (`crate_jax.models.config.INITS`); explicit `inits` win over both inits."""
 
     def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs, inits: dict | None = None):
         dt = _dtypes(cfg)
         d = cfg.width
+        if inits is None and cfg.init == "dino":  # DINO ViT `_init_weights`: every Linear trunc-normal(0.02), bias 0
+            tn = L.trunc_normal(0.02)
+            inits = dict(qkv=tn, out=tn, mlp_in=tn, mlp_out=tn, mlp_bias=L.zeros)
         inits = inits or dict(qkv=L.xavier_uniform(d, d), out=L.xavier_uniform(d, d),
                               mlp_in=L.xavier_uniform(d, cfg.mlp_dim), mlp_out=L.xavier_uniform(cfg.mlp_dim, d),
                               mlp_bias=L.normal(1e-6))
@@ -93,7 +97,7 @@ class ViTBlock(nnx.Module):
                                          qkv_init=inits["qkv"], out_init=inits["out"], **dt)
         self.ln2 = L.LayerNorm(d, eps=cfg.ln_eps, rngs=rngs, **dt)
         self.mlp = L.MLP(d, cfg.mlp_dim, rngs=rngs, in_init=inits["mlp_in"], out_init=inits["mlp_out"],
-                         bias_init=inits.get("mlp_bias", L.zeros), **dt)
+                         bias_init=inits.get("mlp_bias", L.zeros), approximate=cfg.gelu == "tanh", **dt)
 
     def __call__(self, x, *, key=None, drop_rate=0.0, mask=None, capture=None):
         k1, k2, k3, k4 = _keys(key, 4)

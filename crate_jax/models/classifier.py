@@ -1,4 +1,4 @@
-"""Image classifiers: CRATE (SPEC §1), CRATE-α (SPEC §2.1) and the ViT baseline.
+"""Image classifiers: CRATE (docs/math.md §CRATE), CRATE-α (docs/math.md §CRATE-α) and the ViT baseline.
 
 All three share the pipeline `stem → [cls] + pos → Encoder → final LN → pool → head`; they differ
 in the stem (CRATE: patchify → LN → Linear → LN; CRATE-α / ViT: a stride-P conv), in the block,
@@ -46,14 +46,19 @@ class ImageClassifier(nnx.Module):
             self.embedding = L.Dense((fan,), (d,), in_axes=("patch",), out_axes=("embed",), use_bias=cfg.stem_bias,
                                      rngs=rngs, kernel_init=lin, bias_init=lin, **dt)
             self.embed_norm = L.LayerNorm(d, eps=1e-5, rngs=rngs, **dt)
-            cls_init = pos_init = L.normal(1.0)  # torch.randn (SPEC §1.4)
+            cls_init = pos_init = L.normal(1.0)  # torch.randn (docs/math.md §CRATE)
         else:
             self.patch_norm = self.embed_norm = None
-            conv = L.uniform(math.sqrt(6.0 / (P * P * C)))  # flax kaiming_uniform of the conv (SPEC §2.1.8)
+            if cfg.init == "dino":  # torch Conv2d default (bound 1/√fan_in, bias too); trunc-normal cls and table
+                conv = conv_bias = L.uniform(1.0 / math.sqrt(P * P * C))
+                cls_init = pos_init = L.trunc_normal(0.02)
+            else:
+                conv = L.uniform(math.sqrt(6.0 / (P * P * C)))  # flax kaiming_uniform (docs/math.md §CRATE-α)
+                conv_bias = L.zeros
+                cls_init = L.normal(1e-6) if cfg.model == "crate_alpha" else L.zeros
+                pos_init = L.normal(0.02)
             self.embedding = L.Dense((P, P, C), (d,), in_axes=("patch", "patch", "channels"), out_axes=("embed",),
-                                     use_bias=cfg.stem_bias, rngs=rngs, kernel_init=conv, **dt)
-            cls_init = L.normal(1e-6) if cfg.model == "crate_alpha" else L.zeros
-            pos_init = L.normal(0.02)
+                                     use_bias=cfg.stem_bias, rngs=rngs, kernel_init=conv, bias_init=conv_bias, **dt)
         self.cls = L.param(rngs, cls_init, (1, 1, d), (None, None, "embed"), pd)
         if cfg.posemb == "learn":
             self.pos_embedding = L.param(rngs, pos_init, (1, n_tokens, d), (None, "tokens", "embed"), pd)
@@ -66,6 +71,8 @@ class ImageClassifier(nnx.Module):
                 k_init = b_init = L.uniform(1.0 / math.sqrt(d))
             elif cfg.model == "crate_alpha":
                 k_init, b_init = L.normal(0.02), L.zeros
+            elif cfg.init == "dino":
+                k_init, b_init = L.trunc_normal(0.02), L.zeros
             else:
                 k_init = b_init = L.zeros
             self.head = L.Dense((d,), (cfg.num_classes,), in_axes=("embed",), out_axes=("classes",),
@@ -99,7 +106,7 @@ class ImageClassifier(nnx.Module):
 
     def pool(self, x: jax.Array) -> jax.Array:
         """Final LN and pooling, `[B, N+1, d] -> [B, d]`."""
-        if self.cfg.model == "crate":  # SPEC §1.3: pool first, then LN on the pooled vector
+        if self.cfg.model == "crate":  # docs/math.md §CRATE: pool first, then LN on the pooled vector
             feat = x[:, 0] if self.cfg.pool == "cls" else x.mean(axis=1)
             return self.encoder_norm(feat)
         x = self.encoder_norm(x)

@@ -1,4 +1,4 @@
-"""Model configuration and the variant tables of SPEC.md (§1.5, §2.3, §3.1).
+"""Model configuration and the variant tables (docs/math.md §Sizes).
 
 A `ModelConfig` is plain, frozen data: it is what `convert` writes next to a checkpoint as JSON and
 what the image classifier takes. `model_config(model, variant, **overrides)` is the one way to
@@ -18,8 +18,17 @@ POSEMBS = ("learn", "sincos2d")
 REMATS = ("none", "dots", "full")
 ATTENTIONS = ("fused", "explicit")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+# ViT flavours (docs/dino.md): 'default' is the big_vision-style ViT (xavier-uniform Dense
+# kernels, He-uniform patch conv), 'dino' the official DINO / SimDINO ViT (trunc-normal(0.02) Linear
+# weights with zero biases, torch's Conv2d default for the patch conv, trunc-normal(0.02) cls and position
+# table). `gelu`: 'tanh' (big_vision, GPT-2) or 'erf' (torch nn.GELU). `pos_resize`: how a learned position
+# table is resampled for views of another size: 'jax' (antialiased bicubic `jax.image.resize`) or 'dino'
+# (DINO's `interpolate_pos_encoding`: torch bicubic, a = −0.75, no antialias, scale factor (g′ + 0.1)/g).
+INITS = ("default", "dino")
+GELUS = ("tanh", "erf")
+POS_RESIZES = ("jax", "dino")
 
-# name -> (width d, depth, heads K, mlp width). SPEC §1.5 (CRATE), §2.3 (CRATE-α), big_vision ViT.
+# name -> (width d, depth, heads K, mlp width). docs/math.md §Sizes (CRATE, CRATE-α), big_vision ViT.
 CRATE_VARIANTS = {
     "T": (384, 12, 6, 0),
     "S": (576, 12, 12, 0),
@@ -45,7 +54,7 @@ VIT_VARIANTS = {
 }
 VARIANTS = {"crate": CRATE_VARIANTS, "crate_alpha": CRATE_ALPHA_VARIANTS, "vit": VIT_VARIANTS}
 
-# Per-model defaults that follow the official code (SPEC §1, §2).
+# Per-model defaults that follow the official code (docs/math.md §CRATE, §CRATE-α).
 _MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "crate": dict(ln_eps=1e-5, final_ln_eps=1e-5, attn_out_bias=True, posemb="learn"),
     "crate_alpha": dict(ln_eps=1e-6, final_ln_eps=1e-6, attn_out_bias=False, posemb="learn"),
@@ -71,16 +80,18 @@ class BlockConfig:
     depth: int
     num_heads: int
     mlp_dim: int = 0  # ViT MLP width (unused by CRATE / CRATE-α).
-    # Sparse-coding step size η and threshold λ (SPEC §1.2, §2.1): fixed constants, not learned.
+    # Sparse-coding step size η and threshold λ (docs/math.md §CRATE, §CRATE-α): fixed constants, not learned.
     eta: float = 0.1
     lmbda: float = 0.1
-    # CRATE-α ODL block (SPEC §2.1.6); the official code hard-codes 4 / 2 / True / True.
+    # CRATE-α ODL block (docs/math.md §ODL); the official code hard-codes 4 / 2 / True / True.
     odl_ratio: int = 4
     odl_steps: int = 2
     odl_decoupled: bool = True
     odl_residual: bool = True
     ln_eps: float = 1e-6
     attn_out_bias: bool = False  # MSSA output projection bias: CRATE yes, CRATE-α no.
+    init: str = "default"  # ViT: 'default' (big_vision) or 'dino' (official DINO / SimDINO ViT), see INITS
+    gelu: str = "tanh"  # ViT MLP activation: 'tanh' approximation or the exact 'erf' GELU
     causal: bool = False
     attention: str = "fused"  # 'fused': jax.nn.dot_product_attention; 'explicit': einsum + softmax.
     dtype: str = "float32"
@@ -113,7 +124,7 @@ class BlockConfig:
         if self.family not in MODELS:
             bad("model", f"got {self.family!r}, expected one of {MODELS}")
         for field, allowed in (("remat", REMATS), ("attention", ATTENTIONS), ("dtype", DTYPES),
-                               ("param_dtype", DTYPES)):
+                               ("param_dtype", DTYPES), ("init", INITS), ("gelu", GELUS)):
             if getattr(self, field) not in allowed:
                 bad(field, f"got {getattr(self, field)!r}, expected one of {allowed}")
         if self.width <= 0 or self.depth <= 0 or self.num_heads <= 0:
@@ -198,6 +209,9 @@ class ModelConfig(Serialised):
     stem_bias: bool = True  # conv / patch-embedding bias (CRATE-α `emb_head_bias`)
     head_bias: bool = True
     attn_out_bias: bool = False
+    init: str = "default"  # 'dino': the official DINO / SimDINO ViT init (INITS)
+    gelu: str = "tanh"  # 'erf': torch's exact nn.GELU (GELUS)
+    pos_resize: str = "jax"  # 'dino': local-crop position tables as DINO resamples them (POS_RESIZES)
     causal: bool = False
     attention: str = "fused"
     dtype: str = "float32"
@@ -238,7 +252,7 @@ class ModelConfig(Serialised):
 
         if self.model not in MODELS:
             bad("model", f"got {self.model!r}, expected one of {MODELS}")
-        for field, allowed in (("pool", POOLS), ("posemb", POSEMBS)):
+        for field, allowed in (("pool", POOLS), ("posemb", POSEMBS), ("pos_resize", POS_RESIZES)):
             if getattr(self, field) not in allowed:
                 bad(field, f"got {getattr(self, field)!r}, expected one of {allowed}")
         self.block.validate()
@@ -248,11 +262,14 @@ class ModelConfig(Serialised):
         if self.num_classes < 0:
             bad("num_classes", f"must be >= 0 (0: no head), got {self.num_classes}")
         if self.model == "crate_alpha" and self.pool != "cls":
-            bad("pool", "CRATE-α always pools the cls token (SPEC §2.1.7); use pool='cls'")
+            bad("pool", "CRATE-α always pools the cls token (docs/math.md §CRATE-α); use pool='cls'")
         if self.model == "crate" and self.posemb != "learn":
-            bad("posemb", "CRATE uses a learned position embedding (SPEC §1.1)")
+            bad("posemb", "CRATE uses a learned position embedding (docs/math.md §CRATE)")
         if self.posemb == "sincos2d" and self.width % 4:
             bad("posemb", f"sincos2d needs width divisible by 4, got {self.width}")
+        if self.model != "vit" and (self.init, self.gelu) != ("default", "tanh"):
+            bad("init", f"init={self.init!r} / gelu={self.gelu!r} choose a ViT flavour; {self.model} follows its own "
+                f"official code: leave them at 'default' / 'tanh'")
         if not 0.0 <= self.emb_dropout < 1.0:
             bad("emb_dropout", f"must be in [0, 1), got {self.emb_dropout}")
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from crate_jax.models.act_sharding import constrain
 from crate_jax.models.config import BlockConfig
 
 REMAT_POLICIES = {
@@ -52,6 +53,7 @@ class Encoder(nnx.Module):
             block = nnx.merge(graphdef, p)
             cap = {} if capture else None
             y = block(x, key=k, drop_rate=rate if self.drop_path else 0.0, mask=mask, capture=cap)
+            y = constrain(y)  # batch-sharded between blocks (models/act_sharding.py)
             if capture:
                 cap["out"] = y
             return y, (cap or {})
@@ -60,6 +62,7 @@ class Encoder(nnx.Module):
         if self.remat != "none":
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=not self.scan)
 
+        x = constrain(x)
         if self.scan:
             return jax.lax.scan(layer, x, (params, keys, rates))
         leaves, treedef = jax.tree.flatten((params, keys, rates))

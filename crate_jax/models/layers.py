@@ -4,7 +4,7 @@ Every parameter is an `nnx.Param` carrying `logical_axes` metadata (`embed`, `he
 `mlp`, `vocab`, `patch`, ...). The layers never mention a mesh: `crate_jax.parallel.sharding`
 maps logical names to mesh axes through one rules table.
 
-Tokens are rows: `x [B, N, d]`. Equations cite SPEC.md.
+Tokens are rows: `x [B, N, d]`. Equations: docs/math.md.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ def uniform(bound: float) -> Initializer:
 
 def normal(std: float) -> Initializer:
     return lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
+
+
+def trunc_normal(std: float, lo: float = -2.0, hi: float = 2.0) -> Initializer:
+    """timm / DINO `trunc_normal_(std=std)`: N(0, std²) cut at the absolute values `lo`, `hi` (not σ-multiples)."""
+    return lambda key, shape, dtype: std * jax.random.truncated_normal(key, lo / std, hi / std, shape, dtype)
 
 
 def zeros(key, shape, dtype):
@@ -128,7 +133,7 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 
 def drop_path(x: jax.Array, rate, key: jax.Array | None) -> jax.Array:
-    """Stochastic depth (SPEC §2.1.4): per-sample mask `floor(keep + U[0,1))`, output `x / keep * mask`."""
+    """Stochastic depth (docs/math.md §CRATE-α): per-sample mask `floor(keep + U[0,1))`, output `x / keep * mask`."""
     if key is None:
         return x
     keep = 1.0 - rate
@@ -173,7 +178,7 @@ def attend(q, k, v, *, impl: str, causal: bool = False, mask: jax.Array | None =
 
 class MSSA(nnx.Module):
     """Multi-head subspace self-attention: one shared projection `U = [U_1 ... U_K]` serves as query,
-    key and value (SPEC §1.2, §2.1.5), so it is computed once.
+    key and value (docs/math.md §CRATE, §MSSA), so it is computed once.
 
     `proj.kernel [d, K, p]` holds the `U_k`; `out.kernel [K, p, d]` is the free output map (bias
     for CRATE, none for CRATE-α).
@@ -223,7 +228,7 @@ class MultiHeadAttention(nnx.Module):
 
 # Sparse coding blocks ----------------------------------------------------------------------
 class ISTA(nnx.Module):
-    """CRATE's ISTA block (SPEC §1.2): one step on the code, initialised at the input itself.
+    """CRATE's ISTA block (docs/math.md §CRATE): one step on the code, initialised at the input itself.
 
     `x_next = ReLU(y + η (y D − (y Dᵀ) D) − ηλ)` with the square dictionary `D [d, d]`
     (torch `1.fn.weight`). There is no residual: the output replaces the input.
@@ -241,7 +246,7 @@ class ISTA(nnx.Module):
 
 
 class ODL(nnx.Module):
-    """CRATE-α's overcomplete dictionary-learning block (SPEC §2.1.6), generalised.
+    """CRATE-α's overcomplete dictionary-learning block (docs/math.md §ODL), generalised.
 
     From a zero code, `steps` unrolled ISTA steps against `D [d, m]` (m = ratio·d):
     `a ← ReLU(a − η (a Dᵀ − x) D − ηλ)`, so the first is `ReLU(η x D − ηλ)`; then decode
@@ -253,7 +258,7 @@ class ODL(nnx.Module):
                  dtype, param_dtype, rngs: nnx.Rngs):
         m = ratio * width
         self.eta, self.lmbda, self.steps, self.dtype = eta, lmbda, steps, dtype
-        init = uniform(math.sqrt(6.0 / width))  # flax kaiming_uniform, fan_in = d (SPEC §2.1.8)
+        init = uniform(math.sqrt(6.0 / width))  # flax kaiming_uniform, fan_in = d (docs/math.md §CRATE-α)
         self.D = param(rngs, init, (width, m), ("embed", "mlp"), param_dtype)
         self.D1 = param(rngs, init, (width, m), ("embed", "mlp"), param_dtype) if decoupled else None
 
@@ -271,17 +276,20 @@ class ODL(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """ViT MLP: `Dense_1(gelu_tanh(Dense_0(x)))` with biases."""
+    """ViT MLP: `Dense_1(gelu(Dense_0(x)))` with biases; the tanh GELU (big_vision, GPT-2) unless
+    `approximate=False` (torch's exact erf `nn.GELU`, the DINO ViT)."""
 
     def __init__(self, width: int, mlp_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs,
-                 in_init: Initializer, out_init: Initializer, bias_init: Initializer = zeros):
+                 in_init: Initializer, out_init: Initializer, bias_init: Initializer = zeros,
+                 approximate: bool = True):
+        self.approximate = approximate
         self.fc1 = Dense((width,), (mlp_dim,), in_axes=("embed",), out_axes=("mlp",), use_bias=True, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs, kernel_init=in_init, bias_init=bias_init)
         self.fc2 = Dense((mlp_dim,), (width,), in_axes=("mlp",), out_axes=("embed",), use_bias=True, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs, kernel_init=out_init, bias_init=bias_init)
 
     def __call__(self, x, *, capture: dict | None = None):
-        h = jax.nn.gelu(self.fc1(x), approximate=True)
+        h = jax.nn.gelu(self.fc1(x), approximate=self.approximate)
         if capture is not None:
             capture["code"] = h
         return self.fc2(h)

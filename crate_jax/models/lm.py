@@ -1,16 +1,16 @@
-"""Causal language models: CRATE-GPT (SPEC §5), a CRATE-α LM and the GPT-2 baseline, one pipeline.
+"""Causal language models: CRATE-GPT (docs/math.md §Language models), a CRATE-α LM and the GPT-2 baseline, one pipeline.
 
     tokens [B, T] int -> x = wte[tokens] + wpe[:T] -> depth causal blocks -> [final LN] -> x wteᵀ -> logits [B, T, V]
 
-* **CRATE-GPT** (`model='crate_gpt'`, SPEC §5, CRATE pull request #13): per block
+* **CRATE-GPT** (`model='crate_gpt'`, docs/math.md §Language models, CRATE pull request #13): per block
   `x = x + c_proj(causal-MSSA(LN1(x)))` with one shared projection `U` (`c_attn`, no bias) and
-  `c_proj` with bias, then one ISTA step `x = ISTA(LN2(x))` with **no residual** (SPEC §1.2);
+  `c_proj` with bias, then one ISTA step `x = ISTA(LN2(x))` with **no residual** (docs/math.md §CRATE);
   LayerNorm eps 1e-5; **no final LayerNorm**; head tied to the token embedding. Init: embeddings and
   Linear N(0, 0.02²), `c_proj.weight` N(0, 0.02²/(2·depth)), biases 0, ISTA kaiming-uniform.
-* **CRATE-α LM** (`model='crate_alpha'`): the same causal stack with the CRATE-α block (SPEC §2.1):
+* **CRATE-α LM** (`model='crate_alpha'`): the same causal stack with the CRATE-α block (docs/math.md §CRATE-α):
   MSSA without output bias, then the ODL block (`odl_ratio`, `odl_steps`, `odl_decoupled` `D1`,
   `odl_residual`; `eta`, `lmbda`), LayerNorm eps 1e-6, plus the final LayerNorm and the tied head an
-  LM needs. There is no official CRATE-α LM code; the init is the image model's (SPEC §2.1.8).
+  LM needs. There is no official CRATE-α LM code; the init is the image model's (docs/math.md §CRATE-α).
 * **GPT-2** (`model='gpt2'`): pre-LN blocks, q/k/v/out with biases, GELU(tanh) MLP of `4d`, final
   LayerNorm, tied head, LayerNorm eps 1e-5, the nanoGPT / GPT-2 init (as CRATE-GPT's, with the
   residual projections `c_proj` and `mlp.c_proj` scaled by 1/sqrt(2·depth)).
@@ -42,9 +42,9 @@ LM_MODELS = ("crate_gpt", "crate_alpha", "gpt2")
 FAMILY = {"crate_gpt": "crate", "crate_alpha": "crate_alpha", "gpt2": "vit"}
 BLOCK_CLASSES = {"crate_gpt": CrateBlock, "crate_alpha": CrateAlphaBlock, "gpt2": ViTBlock}
 
-# name -> (width d, depth, heads K). CRATE-GPT: `CRATE.from_pretrained` of pull request #13 (SPEC §5);
+# name -> (width d, depth, heads K). CRATE-GPT: `CRATE.from_pretrained` of pull request #13 (docs/math.md §Language models);
 # GPT-2: the four OpenAI / Hugging Face sizes. CRATE-α: the image model's S / B / L widths, depths and
-# heads (SPEC §2.3) -- our choice: the CRATE-α paper's language-model sizes could not be confirmed from
+# heads (docs/math.md §Sizes) -- our choice: the CRATE-α paper's language-model sizes could not be confirmed from
 # any source available here (see README, "White-box language models").
 LM_VARIANTS: dict[str, dict[str, tuple[int, int, int]]] = {
     "crate_gpt": {"crate": (768, 12, 12), "crate-medium": (1024, 24, 16), "crate-large": (1280, 36, 20),
@@ -192,7 +192,7 @@ def lm_config(model: str, variant: str | None = None, **overrides) -> LMConfig:
 
 
 def _block_kwargs(cfg: LMConfig) -> dict:
-    """nanoGPT init (SPEC §5): N(0, 0.02²), residual projections N(0, 0.02²/(2·depth)), biases 0."""
+    """nanoGPT init (docs/math.md §Language models): N(0, 0.02²), residual projections N(0, 0.02²/(2·depth)), biases 0."""
     std, resid = 0.02, 0.02 / math.sqrt(2 * cfg.depth)
     if cfg.model == "crate_gpt":
         return {"inits": dict(proj=L.normal(std), out=L.normal(resid), out_bias=L.zeros)}
@@ -262,7 +262,7 @@ def build_lm(cfg: LMConfig, seed: int | jax.Array = 0) -> LanguageModel:
 
 def param_count(cfg: LMConfig) -> int:
     """Parameters of `cfg` in closed form (the tied head counted once, position table included):
-    CRATE-GPT `3d² + 5d` per block (SPEC §5), CRATE-α `2d² + 2dm + 4d` (`m` = dictionary width,
+    CRATE-GPT `3d² + 5d` per block (docs/math.md §Language models), CRATE-α `2d² + 2dm + 4d` (`m` = dictionary width,
     one `D` if not decoupled), GPT-2 `4d² + 2dh + 9d + h` (`h` = MLP width)."""
     d, m, h = cfg.width, cfg.dict_size, cfg.block.mlp_dim
     per = {"crate_gpt": 3 * d * d + 5 * d,

@@ -1,7 +1,7 @@
 """Autoregressive decoding with a cache, jitted end to end (prefill + a `fori_loop` of single-token steps).
 
 The cache holds, per layer, what later tokens attend to. MSSA shares one projection for query, key
-and value (`q = k = v = w = LN1(x) U`, SPEC §1.2 / §5), so CRATE-GPT and the CRATE-α LM keep **one**
+and value (`q = k = v = w = LN1(x) U`, docs/math.md §CRATE, §Language models), so CRATE-GPT and the CRATE-α LM keep **one**
 tensor per layer, `w [depth, B, T_max, K, p]`; GPT-2 keeps two, `k` and `v`. For the same width the
 MSSA cache is half the size (`cache_bytes`).
 

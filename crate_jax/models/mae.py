@@ -1,15 +1,15 @@
-"""CRATE-MAE (SPEC §4, official `model/crate_ae/*`): a masked autoencoder whose decoder is the encoder's
+"""CRATE-MAE (docs/math.md §CRATE-MAE, official `model/crate_ae/*`): a masked autoencoder whose decoder is the encoder's
 structure transposed and applied in reverse.
 
 * **Encoder.** Patch embedding (a stride-P conv with bias, here a Dense over `(P, P, C)` patches), the
   removed patches replaced by copies of `mask_token` *in place* (the encoder sees the full length-L
-  sequence, cls first), `decoder_pos_embed` added (not `pos_embed`), then CRATE layers (SPEC §1.2) with
+  sequence, cls first), `decoder_pos_embed` added (not `pos_embed`), then CRATE layers (docs/math.md §CRATE) with
   `λ = 0.5`, and `norm` (LayerNorm eps 1e-6).
 * **Decoder layer** (`layers.0` = linear synthesis, `layers.1` = MSSA): `y = LN0(x) @ Dᵀ`, then
   `x_next = y − MSSA(LN1(y))`, applied directly to the encoder output (`decoder_embed` exists, is
   trainable and is never used, as in the official code); then `decoder_norm` (eps 1e-6), `decoder_pred`
   (d → P²·C) and the cls row dropped.
-* **Fixed tables.** `pos_embed` and `decoder_pos_embed` are the MAE 2-D sincos tables (SPEC §2.6,
+* **Fixed tables.** `pos_embed` and `decoder_pos_embed` are the MAE 2-D sincos tables (docs/math.md §Position tables,
   `ω_i = 10000^(−i/(d/4))`, zero cls row). They are `FixedTable` variables (not `nnx.Param`): not
   trained, not counted as trainable, sharded and checkpointed as buffers, rebuilt from the config when
   a bundle is loaded.
@@ -41,10 +41,10 @@ from crate_jax.models.config import ATTENTIONS, DTYPES, REMATS, BlockConfig, Con
 from crate_jax.models.encoder import Encoder
 from crate_jax.models.flops import block_flops
 
-# name -> (width, depth, heads): `mae_crate_{tiny,small,base,large}` (SPEC §4); the decoder has the
+# name -> (width, depth, heads): `mae_crate_{tiny,small,base,large}` (docs/math.md §CRATE-MAE); the decoder has the
 # encoder's width, depth and heads in every preset.
 MAE_VARIANTS = {"T": (384, 12, 6), "S": (576, 12, 12), "B": (768, 12, 12), "L": (1024, 24, 16)}
-# SPEC §4, counted from the official code: (all, trainable) at 224 px, patch 16.
+# docs/math.md §CRATE-MAE, counted from the official code: (all, trainable) at 224 px, patch 16.
 MAE_PARAM_COUNTS = {"T": (11_555_328, 11_404_032), "S": 25_405_824, "B": 44_638_464, "L": 154_274_560}
 
 
@@ -53,7 +53,7 @@ class FixedTable(nnx.Variable):
 
 
 def mae_sincos_2d(grid: int, width: int) -> np.ndarray:
-    """CRATE-MAE `get_2d_sincos_pos_embed(width, grid, cls_token=True)` (SPEC §2.6): `[1 + grid², width]`
+    """CRATE-MAE `get_2d_sincos_pos_embed(width, grid, cls_token=True)` (docs/math.md): `[1 + grid², width]`
     float32, per token `[sin(cω), cos(cω), sin(rω), cos(rω)]` for column c and row r (tokens row-major)
     with `ω_i = 10000^(−i/(width/4))`, i < width/4, and a zero first row for the cls token. Computed in
     float32 as the official numpy code does."""
@@ -176,7 +176,7 @@ class Synthesis(nnx.Module):
 
 
 class CrateDecoderBlock(nnx.Module):
-    """`y = LN0(x) @ Dᵀ; x_next = y − MSSA(LN1(y))` (SPEC §4). Same signature as the encoder blocks."""
+    """`y = LN0(x) @ Dᵀ; x_next = y − MSSA(LN1(y))` (docs/math.md §CRATE-MAE). Same signature as the encoder blocks."""
 
     def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs, use_softmax: bool = True):
         dt = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
@@ -282,7 +282,7 @@ def patch_targets(images, patch: int, norm_pix_loss: bool) -> jax.Array:
 
 
 def mae_loss(pred, images, mask, *, patch: int, norm_pix_loss: bool) -> jax.Array:
-    """Mean over removed patches of the per-patch MSE (SPEC §4 `forward_loss`)."""
+    """Mean over removed patches of the per-patch MSE (docs/math.md §CRATE-MAE `forward_loss`)."""
     target = patch_targets(images, patch, norm_pix_loss)
     per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
     m = mask.astype(jnp.float32)

@@ -19,7 +19,7 @@ def drop_patches(x: jax.Array, ratio: float, key: jax.Array) -> jax.Array:
 
 
 def mae_random_mask(key: jax.Array, batch: int, length: int, ratio: float) -> jax.Array:
-    """MAE's per-sample masking (SPEC §4, `random_masking`): `noise ~ U[0,1)^[B, L]`, the `int(L (1 − ratio))`
+    """MAE's per-sample masking (docs/math.md §CRATE-MAE): `noise ~ U[0,1)^[B, L]`, the `int(L (1 − ratio))`
     lowest-noise patches are kept. Returns bool `[B, L]`, True = removed. `noise`'s argsort is the official
     `ids_shuffle`; a patch is removed iff its rank in it is `>= len_keep` (the official unshuffled mask)."""
     keep = int(length * (1.0 - ratio))

@@ -1,4 +1,4 @@
-"""Position-embedding tables and their resampling (SPEC §2.6)."""
+"""Position-embedding tables and their resampling (docs/math.md §Position tables)."""
 
 from __future__ import annotations
 
@@ -43,15 +43,46 @@ def resample_2d(pos, new_grid: int) -> np.ndarray:
 
 
 def resample_1d(pos, new_len: int) -> np.ndarray:
-    """CLIPA's fine-tuning resize (SPEC §2.6): linear interpolation along the flattened token axis,
+    """CLIPA's fine-tuning resize (docs/math.md §Position tables): linear interpolation along the flattened token axis,
     cls row included (`jax.image.resize(..., 'bilinear')` on `[1, L, d]`)."""
     pos = jnp.asarray(pos)
     return np.asarray(jax.image.resize(pos, (1, new_len, pos.shape[-1]), "bilinear"))
 
 
 def resize_patch_kernel(kernel, new_patch: int) -> np.ndarray:
-    """Bilinear resize of a conv patch kernel `[P, P, C, d] -> [P', P', C, d]` (SPEC §2.6, §7.3)."""
+    """Bilinear resize of a conv patch kernel `[P, P, C, d] -> [P', P', C, d]` (docs/math.md §Position tables)."""
     kernel = jnp.asarray(kernel)
     if kernel.shape[0] == new_patch:
         return np.asarray(kernel)
     return np.asarray(jax.image.resize(kernel, (new_patch, new_patch) + kernel.shape[2:], "bilinear"))
+
+
+def torch_bicubic_matrix(size: int, scale_factor: float) -> np.ndarray:
+    """`[floor(size·scale_factor), size]`: torch `interpolate(mode='bicubic', align_corners=False)` along one
+    axis with an explicit `scale_factor`, as a matrix. Source of output i: `(i + ½)/scale_factor − ½`;
+    Keys' cubic with a = −0.75 over the 4 neighbours, indices clamped to the edge; no antialiasing."""
+    a = -0.75
+    out = int(np.floor(size * scale_factor))
+    m = np.zeros((out, size))
+    for i in range(out):
+        src = (i + 0.5) / scale_factor - 0.5
+        x0 = int(np.floor(src))
+        t = src - x0
+        w = [((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+             ((a + 2) * t - (a + 3)) * t * t + 1,
+             ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1]
+        w.append(1.0 - sum(w))
+        for k, wk in enumerate(w):
+            m[i, min(max(x0 - 1 + k, 0), size - 1)] += wk
+    return m
+
+
+def resample_dino(patches: jax.Array, new_grid: int) -> jax.Array:
+    """DINO / SimDINO `interpolate_pos_encoding` for a `[g, g, d]` grid of patch rows -> `[new_grid, new_grid, d]`:
+    torch bicubic with the scale factor `(new_grid + 0.1) / g` (the official code adds 0.1 against rounding)."""
+    g = patches.shape[0]
+    m = torch_bicubic_matrix(g, (new_grid + 0.1) / g)
+    if m.shape[0] != new_grid:
+        raise ValueError(f"cannot resample a {g}x{g} position grid to {new_grid}x{new_grid}")
+    m = jnp.asarray(m, jnp.float32)
+    return jnp.einsum("ai,bj,ijd->abd", m, m, patches.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)

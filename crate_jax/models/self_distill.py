@@ -2,12 +2,14 @@
 without a head) plus the DINO projection head (`crate_jax.models.heads.DINOHead`).
 
 Multi-crop training feeds the backbone views of two resolutions (global and local crops). As DINO's ViT
-does (`interpolate_pos_encoding`), a learned position embedding is resampled to the view's patch grid
-(bicubic, `jax.image.resize`; DINO uses torch's bicubic `interpolate`, so the two differ slightly), the
-cls row kept; a sincos table is regenerated for the grid.
+does (`interpolate_pos_encoding`), a learned position embedding is resampled to the view's patch grid,
+the cls row kept: with `pos_resize='jax'` by `jax.image.resize` (bicubic, antialiased when shrinking), with
+`pos_resize='dino'` exactly as DINO does (torch bicubic, `crate_jax.models.posemb.resample_dino`); a sincos
+table is regenerated for the grid.
 
 Parameter tree: `backbone/...` (exactly an `ImageClassifier` with `num_classes = 0`, so the backbone
-exports as a classifier bundle and initialises a classifier), `head/layers/{0,1,2}/{kernel, bias}`.
+exports as a classifier bundle and initialises a classifier), `head/layers/{0,1,2}/{kernel, bias}`, and
+with DINO's prototypes `head/last_layer/{v, g}` (`g` only without `norm_last_layer`).
 """
 
 from __future__ import annotations
@@ -38,11 +40,15 @@ class SelfDistillConfig:
     head_hidden: int = 2048
     head_dim: int = 256
     head_layers: int = 3
+    prototypes: int = 0  # DINO's K prototypes (weight-normalised last layer, `heads.PrototypeLayer`); 0: SimDINO
+    norm_last_layer: bool = True  # DINO: the last layer's scale g fixed at 1
 
     def __post_init__(self):
         if self.backbone.num_classes != 0:
             raise ConfigError(f"the self-distillation backbone has no classification head: backbone.num_classes must "
                               f"be 0, got {self.backbone.num_classes}")
+        if self.prototypes < 0:
+            raise ConfigError(f"self-distillation config field 'prototypes' must be >= 0 (0: none), got {self.prototypes}")
         for field in ("head_hidden", "head_dim", "head_layers"):
             if getattr(self, field) < 1:
                 raise ConfigError(f"self-distillation config field '{field}' must be >= 1, got {getattr(self, field)}")
@@ -70,9 +76,11 @@ class SelfDistillConfig:
 
 
 def self_distill_config(model: str, variant: str, *, image_size: int, head_hidden: int = 2048, head_dim: int = 256,
-                        head_layers: int = 3, **backbone_overrides) -> SelfDistillConfig:
+                        head_layers: int = 3, prototypes: int = 0, norm_last_layer: bool = True,
+                        **backbone_overrides) -> SelfDistillConfig:
     backbone = model_config(model, variant, image_size=image_size, num_classes=0, **backbone_overrides)
-    return SelfDistillConfig(backbone=backbone, head_hidden=head_hidden, head_dim=head_dim, head_layers=head_layers)
+    return SelfDistillConfig(backbone=backbone, head_hidden=head_hidden, head_dim=head_dim, head_layers=head_layers,
+                             prototypes=prototypes, norm_last_layer=norm_last_layer)
 
 
 def position_table_at(clf: ImageClassifier, grid: int) -> jax.Array:
@@ -84,7 +92,10 @@ def position_table_at(clf: ImageClassifier, grid: int) -> jax.Array:
         return posemb.sincos_2d_with_cls(grid, cfg.width)
     pos = clf.pos_embedding[...]
     patches = pos[0, 1:].reshape(cfg.grid, cfg.grid, cfg.width).astype(jnp.float32)
-    patches = jax.image.resize(patches, (grid, grid, cfg.width), "bicubic").astype(pos.dtype)
+    if cfg.pos_resize == "dino":
+        patches = posemb.resample_dino(patches, grid).astype(pos.dtype)
+    else:
+        patches = jax.image.resize(patches, (grid, grid, cfg.width), "bicubic").astype(pos.dtype)
     return jnp.concatenate([pos[:, :1], patches.reshape(1, grid * grid, cfg.width)], axis=1)
 
 
@@ -116,14 +127,16 @@ def backbone_features(clf: ImageClassifier, images, *, train: bool = False, rng=
 
 
 class SelfDistillModel(nnx.Module):
-    """`model(views [B, S, S, C]) -> z [B, head_dim]` (unit norm); `features(views) -> [B, d]`."""
+    """`model(views [B, S, S, C]) -> z [B, head_dim]` (unit norm), or DINO's logits `[B, prototypes]`;
+    `features(views) -> [B, d]`."""
 
     def __init__(self, cfg: SelfDistillConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         b = cfg.backbone
         self.backbone = ImageClassifier(b, rngs=rngs)
         self.head = DINOHead(b.width, hidden=cfg.head_hidden, out_dim=cfg.head_dim, layers=cfg.head_layers,
-                             dtype=jnp.dtype(b.dtype), param_dtype=jnp.dtype(b.param_dtype), rngs=rngs)
+                             dtype=jnp.dtype(b.dtype), param_dtype=jnp.dtype(b.param_dtype), rngs=rngs,
+                             prototypes=cfg.prototypes, norm_last_layer=cfg.norm_last_layer)
 
     def features(self, images, *, train: bool = False, rng=None) -> jax.Array:
         return backbone_features(self.backbone, images, train=train, rng=rng)
@@ -141,7 +154,7 @@ def build_self_distill(cfg: SelfDistillConfig, seed: int | jax.Array = 0) -> Sel
 def head_flops(cfg: SelfDistillConfig) -> int:
     d, h, z, n = cfg.backbone.width, cfg.head_hidden, cfg.head_dim, cfg.head_layers
     dims = [d] + [h] * (n - 1) + [z]
-    return sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
+    return sum(2 * a * b for a, b in zip(dims[:-1], dims[1:])) + 2 * z * cfg.prototypes
 
 
 def view_forward_flops(cfg: SelfDistillConfig, size: int) -> int:

@@ -1,4 +1,4 @@
-"""Text towers (SPEC §3.1): token embedding, learned positions, a stack of encoder blocks, final LN,
+"""Text towers (docs/math.md §CLIPA): token embedding, learned positions, a stack of encoder blocks, final LN,
 pooling and a projection head.
 
 `tower(tokens [B, L]) -> [B, out_dim]` (unnormalised). The blocks are the ViT block (MHA with
@@ -27,7 +27,7 @@ PAD_ID = 0
 TEXT_MODELS = ("transformer", "crate", "crate_alpha")
 TEXT_POOLS = ("last", "cls", "eos")
 # name -> (width, depth, heads, mlp width). B / L / H: CLIPA `text_transformer.decode_variant`
-# (SPEC §3.1); the smaller ones are ours, for experiments and the demo.
+# (docs/math.md §CLIPA); the smaller ones are ours, for experiments and the demo.
 TEXT_VARIANTS = {
     "mu": (64, 2, 2, 256),
     "Ti": (192, 12, 3, 768),
@@ -51,7 +51,7 @@ class TextConfig:
     vocab_size: int = 32_000
     max_len: int = 32
     pool: str = "last"
-    pad_mask: bool = False  # official: no attention mask at all (SPEC §3.1)
+    pad_mask: bool = False  # official: no attention mask at all (docs/math.md §CLIPA)
     causal: bool = False
     ln_eps: float = 1e-6
     final_ln_eps: float = 1e-6
@@ -103,7 +103,7 @@ def text_config(variant: str = "H", model: str = "transformer", **overrides) -> 
 
 
 class Embed(nnx.Module):
-    """Token embedding table `embedding [V, w]` (flax `nn.Embed`), init N(0, 0.02²) (SPEC §3.1)."""
+    """Token embedding table `embedding [V, w]` (flax `nn.Embed`), init N(0, 0.02²) (docs/math.md §CLIPA)."""
 
     def __init__(self, vocab: int, width: int, *, rngs: nnx.Rngs, param_dtype):
         self.embedding = L.param(rngs, L.normal(0.02), (vocab, width), ("vocab", "embed"), param_dtype)
@@ -124,12 +124,12 @@ class TextTower(nnx.Module):
         self.cfg = cfg
         w, pd = cfg.width, jnp.dtype(cfg.param_dtype)
         self.dtype = jnp.dtype(cfg.dtype)
-        # pos N(0, 0.01²) (SPEC §3.1).
+        # pos N(0, 0.01²) (docs/math.md §CLIPA).
         self.embed = Embed(cfg.vocab_size, w, rngs=rngs, param_dtype=pd)
         self.pos_embedding = L.param(rngs, L.normal(0.01), (1, cfg.max_len, w), (None, "tokens", "embed"), pd)
         if cfg.model == "transformer":
             # q/k/v N(0, 1/w); out and MLP-out N(0, 1/(w·2·12)) (the init uses the default depth 12,
-            # not the real one); MLP-in N(0, 1/(2w)); biases 0 (SPEC §3.1).
+            # not the real one); MLP-in N(0, 1/(2w)); biases 0 (docs/math.md §CLIPA).
             inits = dict(qkv=L.normal(w ** -0.5), out=L.normal((w * 24) ** -0.5),
                          mlp_in=L.normal((2 * w) ** -0.5), mlp_out=L.normal((w * 24) ** -0.5), mlp_bias=L.zeros)
             self.encoder = Encoder(cfg.block, ViTBlock, rngs=rngs, block_kwargs={"inits": inits})

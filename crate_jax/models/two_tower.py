@@ -1,8 +1,8 @@
-"""CLIPA two-tower model (SPEC §3.1): an image tower, a text tower, L2-normalised projections and a
+"""CLIPA two-tower model (docs/math.md §CLIPA): an image tower, a text tower, L2-normalised projections and a
 shared learnable temperature.
 
 * Image tower `img`: an `ImageClassifier` (CRATE-α by default, or CRATE / ViT) whose head is the
-  projection: `num_classes = out_dim`, no stem bias, no head bias (SPEC §3.1). Optional random
+  projection: `num_classes = out_dim`, no stem bias, no head bias (docs/math.md §CLIPA). Optional random
   patch dropping before the encoder (token reduction in training, `crate_jax.models.masking`).
 * Text tower `txt`: `crate_jax.models.text.TextTower`.
 * `z ← z / (‖z‖ + 1e-8)` on both sides; `t` `[1]` is a log-scale (init `log(1/0.07)`), the logit
@@ -29,7 +29,7 @@ from crate_jax.models.masking import drop_patches
 from crate_jax.models.text import TextConfig, TextTower, text_config
 
 LOSSES = ("softmax", "sigmoid")
-# CLIPA's projection width by the first letter of the image variant (SPEC §3.1).
+# CLIPA's projection width by the first letter of the image variant (docs/math.md §CLIPA).
 OUT_DIMS = {"T": 192, "S": 384, "B": 1024, "L": 1024, "H": 1024}
 
 
@@ -96,7 +96,7 @@ def two_tower_config(image_model: str = "crate_alpha", image_variant: str = "L/1
 
 
 def l2_normalize(z: jax.Array) -> jax.Array:
-    """`z / (‖z‖₂ + 1e-8)` over the last axis, in float32 (SPEC §3.1)."""
+    """`z / (‖z‖₂ + 1e-8)` over the last axis, in float32 (docs/math.md §CLIPA)."""
     z = z.astype(jnp.float32)
     return z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + 1e-8)
 

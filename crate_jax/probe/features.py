@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
+from crate_jax.models.batch_apply import replicator
 from crate_jax.models.classifier import ImageClassifier
 from crate_jax.models.config import ConfigError
 from crate_jax.models.preprocess import normalize
@@ -117,19 +118,13 @@ def _feature_fn(graphdef, mesh):
                    out_shardings=NamedSharding(mesh, P()))
 
 
-@functools.lru_cache(maxsize=None)
-def _replicator(mesh):
-    """A jitted identity whose outputs are replicated over `mesh` (every process can read them)."""
-    return jax.jit(lambda *xs: xs, out_shardings=NamedSharding(mesh, P()))
-
-
 def extract_features(fn, params, buffers, loader, data_cfg, split: str, *, batch_size: int, image_size: int,
                      mesh) -> tuple[np.ndarray, np.ndarray]:
     """Runs `fn(params, buffers, uint8 images) -> [B, d]` (replicated output) over one eval pass of `split`."""
     it = loader.make_eval_iterator(data_cfg, split=split, batch_size=batch_size // jax.process_count(),
                                    image_size=image_size, process_index=jax.process_index(),
                                    process_count=jax.process_count())
-    gather = _replicator(mesh)
+    gather = replicator(mesh)
     feats, labels = [], []
     for batch in it:
         g = global_batch(batch, mesh)

@@ -20,8 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from crate_jax.models.config import ConfigError
 from crate_jax.models.heads import l2_normalize
-from crate_jax.parallel.mesh import data_parallel_size
-from crate_jax.probe.features import ProbeData, _replicator
+from crate_jax.models.batch_apply import apply_in_batches
+from crate_jax.probe.features import ProbeData
 
 K, TEMPERATURE = 20, 0.07
 
@@ -50,22 +50,11 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, *, mesh, k:
     rep = NamedSharding(mesh, P())
     bank = jax.device_put(np.asarray(train_feats, np.float32), rep)
     bank_labels = jax.device_put(train_labels, rep)
-    dp = data_parallel_size(mesh)
-    batch = max(dp, batch // dp * dp)
-    rows = NamedSharding(mesh, P(("data", "fsdp"), None))
-    gather = _replicator(mesh)
-    top1 = top5 = 0
-    for s in range(0, len(test_labels), batch):
-        q = np.asarray(test_feats[s:s + batch], np.float32)
-        real = len(q)
-        q = np.concatenate([q, np.zeros((batch - real, q.shape[1]), np.float32)])
-        votes = knn_votes(bank, bank_labels, jax.device_put(q, rows), k=k, temperature=float(temperature),
-                          num_classes=C)
-        votes = np.asarray(gather(votes)[0])[:real]
-        order = np.argsort(-votes, axis=1, kind="stable")
-        y = test_labels[s:s + real]
-        top1 += int(np.sum(order[:, 0] == y))
-        top5 += int(np.sum(np.any(order[:, :min(5, C)] == y[:, None], axis=1)))
+    votes = apply_in_batches(lambda q: knn_votes(bank, bank_labels, q, k=k, temperature=float(temperature),
+                                                 num_classes=C), [np.asarray(test_feats, np.float32)], batch, mesh=mesh)
+    order = np.argsort(-votes, axis=1, kind="stable")
+    top1 = int(np.sum(order[:, 0] == test_labels))
+    top5 = int(np.sum(np.any(order[:, :min(5, C)] == test_labels[:, None], axis=1)))
     m = len(test_labels)
     return {"top1": top1 / m, "top5": top5 / m}
 

@@ -15,23 +15,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from crate_jax.checkpoint.bundle import BundleError, load_config, save_bundle
-from crate_jax.checkpoint.params import ParamsError, read_params
-from crate_jax.models.self_distill import SelfDistillConfig
+from crate_jax import errors
+from crate_jax.checkpoint import models
+from crate_jax.checkpoint.bundle import BundleError
+from crate_jax.checkpoint.outputs import check_destination, check_output
+from crate_jax.checkpoint.params import ParamsError
 
 
-def export_run(workdir, output, *, teacher: bool = False, backbone: bool = False, overwrite: bool = False) -> Path:
+def export_run(workdir, output, *, teacher: bool = False, backbone: bool = False, overwrite: bool = False,
+               keep_old: bool = False) -> Path:
     """Writes the newest committed parameters of the run in `workdir` (the EMA teacher's with `teacher`) as a
     bundle; `backbone` keeps only a self-distillation model's backbone (a headless classifier bundle)."""
-    cfg = load_config(workdir)
-    if (teacher or backbone) and not isinstance(cfg, SelfDistillConfig):
-        raise BundleError(f"{workdir} is a {type(cfg).__name__} run; --teacher / --backbone need a SimDINO run")
-    params = read_params(workdir, subtree="extras")["teacher"] if teacher else read_params(workdir)
-    which = "teacher" if teacher else "student"
-    if backbone:
-        cfg, params = cfg.backbone, params["backbone"]
-    return save_bundle(output, cfg, params, source=f"{cfg.kind}:{Path(str(workdir)).name}:{which}",
-                       overwrite=overwrite)
+    check_output(output, workdirs=(workdir,))
+    check_destination(output, directory=True, overwrite=overwrite)
+    label = f"{Path(str(workdir)).name}:{'teacher' if teacher else 'student'}"
+    return models.bundle_from(workdir, output, params="teacher" if teacher else "student", backbone=backbone,
+                              overwrite=overwrite, keep_old=keep_old, label=label)[2]
 
 
 def main(argv=None) -> int:
@@ -40,12 +39,17 @@ def main(argv=None) -> int:
     ap.add_argument("--output", required=True, help="bundle directory to create")
     ap.add_argument("--teacher", action="store_true", help="the EMA teacher's parameters (SimDINO runs)")
     ap.add_argument("--backbone", action="store_true", help="only the backbone, as a headless classifier bundle")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace a non-empty output directory (swapped in only once the new bundle is complete)")
+    ap.add_argument("--keep-old", action="store_true",
+                    help="with --overwrite: keep the replaced bundle beside the new one as NAME.old-STAMP")
     args = ap.parse_args(argv)
     try:
+        if args.keep_old and not args.overwrite:
+            raise errors.UsageError("--keep-old keeps the bundle that --overwrite replaces; pass both")
         out = export_run(args.workdir, args.output, teacher=args.teacher, backbone=args.backbone,
-                         overwrite=args.overwrite)
-    except (BundleError, ParamsError) as e:
+                         overwrite=args.overwrite, keep_old=args.keep_old)
+    except (BundleError, ParamsError, errors.UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"bundle: {out}")
@@ -53,4 +57,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.exit_with(main)

@@ -29,46 +29,12 @@ def predict_patches(model, images: np.ndarray, mask: np.ndarray, *, layout: str 
                     batch_size: int = 64) -> np.ndarray:
     """Per-patch predictions `[B, L, P²·C]` (float32) of a `CrateMAE` for normalised `images` and `mask`.
     Compiled once: the last batch is zero-padded to the batch size."""
+    from crate_jax.models.batch_apply import apply_in_batches
+
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda s, x, m: nnx.merge(graphdef, s)(x, m))
-    n = images.shape[0]
-    bs = max(1, min(batch_size, n))
-    outs = []
-    for start in range(0, n, bs):
-        x = np.asarray(images[start:start + bs], np.float32)
-        m = np.asarray(mask[start:start + bs], bool)
-        if layout == "NCHW":
-            x = x.transpose(0, 2, 3, 1)
-        real = x.shape[0]
-        if real < bs:
-            x = np.concatenate([x, np.zeros((bs - real,) + x.shape[1:], x.dtype)])
-            m = np.concatenate([m, np.zeros((bs - real,) + m.shape[1:], bool)])
-        outs.append(np.asarray(forward(state, x, m), np.float32)[:real])
-    return np.concatenate(outs)
-
-
-def load_mae(path):
-    """`(cfg, model)` from a CRATE-MAE bundle or a CRATE-MAE training workdir (its newest checkpoint)."""
-    from pathlib import Path
-
-    from crate_jax.checkpoint.bundle import PARAMS_DIR, fixed_variables, load_bundle, load_config
-    from crate_jax.checkpoint.params import read_params
-    from crate_jax.models import registry
-    from crate_jax.models.mae import MAEConfig
-
-    if (Path(path) / PARAMS_DIR).is_dir():
-        cfg, model = load_bundle(path)
-    else:
-        cfg = load_config(path)
-        if isinstance(cfg, MAEConfig):
-            graphdef, params, rest = nnx.split(registry.abstract(cfg), nnx.Param, ...)
-            nnx.replace_by_pure_dict(params, jax.tree.map(jax.numpy.asarray, read_params(path)))
-            nnx.replace_by_pure_dict(rest, fixed_variables(cfg))
-            model = nnx.merge(graphdef, params, rest)
-    if not isinstance(cfg, MAEConfig):
-        raise MaskError(f"{path} holds a {type(cfg).__name__} (kind {type(cfg).kind!r}); this needs a CRATE-MAE "
-                        f"bundle or training run (kind 'crate_mae')")
-    return cfg, model
+    to_nhwc = (lambda x: x.transpose(0, 2, 3, 1)) if layout == "NCHW" else (lambda x: x)
+    forward = jax.jit(lambda s, x, m: nnx.merge(graphdef, s)(to_nhwc(x), m).astype(jax.numpy.float32))
+    return apply_in_batches(lambda x, m: forward(state, x, m), [images, mask], batch_size, dtypes=[np.float32, bool])
 
 
 def patches_to_images(patches: np.ndarray, grid: int, patch: int, channels: int = 3) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""CRATE-MAE masked autoencoding (SPEC §4) as a task of the shared engine (`config.task = 'mae'`).
+"""CRATE-MAE masked autoencoding (docs/math.md §CRATE-MAE) as a task of the shared engine (`config.task = 'mae'`).
 
 Each step draws the official per-sample noise-argsort masks (`mask_ratio`, 0.75) from the step key
 (`crate_jax.models.masking.mae_random_mask`; the step key is `fold_in(seed, step)`, so a resumed run

@@ -9,13 +9,20 @@
   gradients. After the optimizer update of step `t` (0-based, `T` total steps):
   `teacher ← m_t · teacher + (1 − m_t) · student`, `m_t = m_end + ½ (m_0 − m_end)(1 + cos(π t / T))`
   (DINO's `cosine_scheduler(0.996, 1, ...)`, per iteration).
-* **Loss**: `crate_jax.ssl.simdino_loss.simdino_loss` over the global batch.
+* **Loss**: `crate_jax.ssl.simdino_loss.simdino_loss` over the global batch; or, with `loss.name = 'dino'`,
+  the classic DINO loss (`crate_jax.ssl.dino_loss`, SimDINO's baseline): the head then ends in DINO's
+  weight-normalised prototype layer (`model.prototypes`, `model.norm_last_layer`), the teacher's logits are
+  centred by a running centre (`extras['center']`, EMA 0.9 of the teacher's batch means, updated after
+  each step) and sharpened by the warmed-up teacher temperature, and the last layer stays frozen for
+  `optim.freeze_steps` (set by `configs/simdino.py` to one epoch).
 
-Config keys read here: `model.{name, variant, head_hidden, head_dim, head_layers, **ModelConfig overrides}`,
-`crops.*` (`crate_jax.data.multicrop.MultiCropAugment`; `crops.global_size` is the backbone's resolution),
-`loss.{eps_sq, gamma, coeff, expa_type, logdet_dtype}`, `teacher.{momentum, momentum_end}`, `data.*` (a
-classification source; labels are carried for the probes, unused by the loss), `evals` (`knn`,
-`linear_probe`; `params='teacher'` probes the teacher).
+Config keys read here: `model.{name, variant, head_hidden, head_dim, head_layers, prototypes, norm_last_layer,
+**ModelConfig overrides}`, `crops.*` (`crate_jax.data.multicrop.MultiCropAugment`; `crops.global_size` is
+the backbone's resolution), `loss.{name='simdino', eps_sq, gamma, coeff, expa_type, logdet_dtype}` or
+`loss.{name='dino', teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, student_temp,
+center_momentum, epoch_steps}`, `teacher.{momentum, momentum_end}`, `data.*` (a classification source;
+labels are carried for the probes, unused by the loss), `evals` (`knn`, `linear_probe`; `params='teacher'`
+probes the teacher).
 """
 
 from __future__ import annotations
@@ -32,13 +39,18 @@ from crate_jax.data.multicrop import MultiCropAugment
 from crate_jax.models.config import ConfigError
 from crate_jax.models.preprocess import normalize
 from crate_jax.models.self_distill import build_self_distill, self_distill_config, view_forward_flops
+from crate_jax.parallel.sharding import Axes
+from crate_jax.ssl import dino_loss as dino
 from crate_jax.ssl.simdino_loss import LOGDET_DTYPES, check_conditioning, simdino_loss
 from crate_jax.train.task import TaskBase
 from crate_jax.train.validate import known_keys, need_choice, need_number
 
-LOSS_KEYS = ("eps_sq", "gamma", "coeff", "expa_type", "logdet_dtype")
+LOSSES = ("simdino", "dino")
+LOSS_KEYS = ("name", "eps_sq", "gamma", "coeff", "expa_type", "logdet_dtype")
+DINO_LOSS_KEYS = ("name", "teacher_temp", "warmup_teacher_temp", "warmup_teacher_temp_epochs", "student_temp",
+                  "center_momentum", "epoch_steps")
 TEACHER_KEYS = ("momentum", "momentum_end")
-HEAD_KEYS = ("head_hidden", "head_dim", "head_layers")
+HEAD_KEYS = ("head_hidden", "head_dim", "head_layers", "prototypes")
 
 
 def momentum_at(step, total_steps: int, m0: float, m_end: float = 1.0):
@@ -66,11 +78,26 @@ class SimDINOTask(TaskBase):
             raise ConfigError(f"config.model needs 'name' (crate | crate_alpha | vit) and 'variant'; got {sorted(m)}")
         name, variant = m.pop("name"), m.pop("variant")
         head = {k: int(m.pop(k)) for k in HEAD_KEYS if k in m}
+        if "norm_last_layer" in m:
+            head["norm_last_layer"] = bool(m.pop("norm_last_layer"))
         m.pop("num_classes", None)
         self.model_cfg = self_distill_config(name, variant, image_size=self.augment.global_size, **head, **m)
         if self.augment.local_size % self.model_cfg.backbone.patch_size:
             raise ConfigError(f"config.crops.local_size {self.augment.local_size} is not divisible by the patch size "
                               f"{self.model_cfg.backbone.patch_size}")
+        need_choice(config, "loss.name", LOSSES, optional=True)
+        self.loss_name = config.loss.get("name", "simdino")
+        if (self.loss_name == "dino") != bool(self.model_cfg.prototypes):
+            raise ConfigError(f"config.loss.name={self.loss_name!r} needs "
+                              f"{'model.prototypes > 0 (the DINO head)' if self.loss_name == 'dino' else 'model.prototypes = 0'}")
+        self.m0 = float(config.teacher.get("momentum", 0.996))
+        self.m_end = float(config.teacher.get("momentum_end", 1.0))
+        known_keys(config.teacher, "teacher", TEACHER_KEYS)
+        need_number(config, "teacher.momentum", lo=0, hi=1)
+        need_number(config, "teacher.momentum_end", lo=0, hi=1, optional=True)
+        if self.loss_name == "dino":
+            self._dino_config(config)
+            return
         known_keys(config.loss, "loss", LOSS_KEYS)
         need_number(config, "loss.eps_sq", lo=0, lo_open=True, what=" (the official --eps, used as ε²)")
         need_number(config, "loss.gamma", lo=0, optional=True, what=" (None: the official (p + M)/(p M))")
@@ -87,14 +114,35 @@ class SimDINOTask(TaskBase):
             check_conditioning(self.model_cfg.head_dim, self.loss_cfg["eps_sq"], self.loss_cfg["logdet_dtype"])
         except ValueError as e:
             raise ConfigError(f"config.loss.eps_sq: {e}") from None
-        self.m0 = float(config.teacher.momentum)
-        self.m_end = float(config.teacher.get("momentum_end", 1.0))
+
+    def _dino_config(self, config):
+        known_keys(config.loss, "loss", DINO_LOSS_KEYS)
+        for key in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
+            need_number(config, f"loss.{key}", lo=0, lo_open=True)
+        need_number(config, "loss.center_momentum", lo=0, hi=1)
+        for key in ("warmup_teacher_temp_epochs", "epoch_steps"):
+            v = config.loss.get(key, 0)
+            if not isinstance(v, int) or v < 0:
+                raise ConfigError(f"config.loss.{key}: expected an integer >= 0, got {v!r}")
+        self.dino_cfg = {k: config.loss[k] for k in DINO_LOSS_KEYS if k != "name"}
 
     def describe(self) -> str:
         b, a = self.model_cfg.backbone, self.augment
-        return (f"SimDINO {b.model} {b.variant}: 2 global crops @ {a.global_size}px + {a.n_local} local @ "
-                f"{a.local_size}px, head → {self.model_cfg.head_dim}, ε² {self.loss_cfg['eps_sq']}, EMA teacher "
-                f"{self.m0} → {self.m_end}")
+        views = (f"{b.model} {b.variant}: 2 global crops @ {a.global_size}px + {a.n_local} local @ {a.local_size}px, "
+                 f"head → {self.model_cfg.head_dim}")
+        if self.loss_name == "dino":
+            d = self.dino_cfg
+            return (f"DINO {views} → {self.model_cfg.prototypes} prototypes, teacher τ {d['warmup_teacher_temp']} → "
+                    f"{d['teacher_temp']}, student τ {d['student_temp']}, EMA teacher {self.m0} → {self.m_end}")
+        return f"SimDINO {views}, ε² {self.loss_cfg['eps_sq']}, EMA teacher {self.m0} → {self.m_end}"
+
+    def epoch_steps(self) -> int:
+        """Steps per epoch for the per-epoch teacher-temperature warm-up: `loss.epoch_steps`, else the train
+        split's size over the global batch (DINO drops the last partial batch)."""
+        if getattr(self, "_epoch_steps", None) is None:
+            n = int(self.dino_cfg.get("epoch_steps") or 0)
+            self._epoch_steps = n or max(1, self.num_train_examples() // int(self.config.batch_size))
+        return self._epoch_steps
 
     def num_train_examples(self) -> int:
         return self.loader.num_examples(self.config.data, self.config.data.train_split)
@@ -123,19 +171,39 @@ class SimDINOTask(TaskBase):
         if self.augment.n_local:
             student.append(self._views(model, batch["local"], train=True, rng=k_local))
         t = self._views(teacher, batch["global"])
+        if self.loss_name == "dino":
+            d = self.dino_cfg
+            temp = dino.teacher_temp_at(extras["step"], warmup_temp=float(d["warmup_teacher_temp"]),
+                                        temp=float(d["teacher_temp"]),
+                                        warmup_epochs=int(d["warmup_teacher_temp_epochs"]),
+                                        epoch_steps=self.epoch_steps())
+            loss, m, center = dino.dino_loss(jnp.concatenate(student, axis=0), t, extras["center"],
+                                             teacher_temp=temp, student_temp=float(d["student_temp"]))
+            return loss, {f"train/{k}": v for k, v in m.items()}, {"center": center}
         loss, m = simdino_loss(jnp.concatenate(student, axis=0), t, **self.loss_cfg)
         return loss, {f"train/{k}": v for k, v in m.items()}, None
 
     def init_extras(self, params: dict) -> dict:
-        return {"teacher": params}  # the teacher starts as the student (the engine copies the buffers)
+        extras = {"teacher": params}  # the teacher starts as the student (the engine copies the buffers)
+        if self.loss_name == "dino":
+            # the centre, and the step (the temperature schedule is per epoch; the loss does not see the step)
+            extras.update(center=jnp.zeros((self.model_cfg.prototypes,), jnp.float32), step=jnp.zeros((), jnp.int32))
+        return extras
 
     def extras_axes(self, param_axes: dict) -> dict:
-        return {"teacher": param_axes}
+        axes = {"teacher": param_axes}
+        if self.loss_name == "dino":
+            axes.update(center=Axes.replicated(1), step=Axes.replicated(0))
+        return axes
 
     def update_extras(self, extras: dict, params: dict, step, aux) -> dict:
         m = momentum_at(step, self.total_steps, self.m0, self.m_end)
-        return {"teacher": jax.tree.map(lambda t, p: (m * t + (1.0 - m) * p).astype(t.dtype), extras["teacher"],
-                                        params)}
+        out = {"teacher": jax.tree.map(lambda t, p: (m * t + (1.0 - m) * p).astype(t.dtype), extras["teacher"],
+                                       params)}
+        if self.loss_name == "dino":
+            out["center"] = dino.update_center(extras["center"], aux["center"], float(self.dino_cfg["center_momentum"]))
+            out["step"] = jnp.asarray(step, jnp.int32) + 1
+        return out
 
     def flops_per_example(self) -> float:
         a, c = self.augment, self.model_cfg

@@ -1,4 +1,4 @@
-"""BERT-uncased WordPiece tokenisation as CLIPA uses it (SPEC.md §7.4).
+"""BERT-uncased WordPiece tokenisation as CLIPA uses it (docs/clipa.md §Recipes).
 
 CLIPA's ``bert_tokenize`` op runs tensorflow_text's ``BertTokenizer(lower_case=True)`` on the caption,
 keeps the first ``L - 1`` word pieces, prepends ``[CLS]`` (id 101 in the BERT vocab) and pads with 0 to

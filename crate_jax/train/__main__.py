@@ -4,14 +4,23 @@ Re-running the same command on the same workdir resumes from its newest restorab
 Launched as several processes (TPU pod, SLURM, or `--coordinator/--num-processes/--process-id`),
 it calls `jax.distributed.initialize()` first.
 
-Exit codes: 0 done (or stopped on SIGTERM with a checkpoint), 2 a config or usage error (reported
-before anything compiles or the workdir changes), 3 a run that cannot continue (non-finite loss,
-a workdir written by another run, a damaged checkpoint directory), 1 anything else.
+One run per workdir: a second run on a workdir in use is refused at once (see
+`crate_jax.train.workdir`). Every failure ends with one `error:` (or `config error:`) line on stderr;
+tracebacks only with `--debug`.
+
+Exit codes (`crate_jax.errors`): 0 done (or stopped on SIGTERM with a checkpoint); 2 a config, usage
+or data error (reported before anything compiles or the workdir changes); 3 the workdir or its state
+cannot be used (a path that is a file or not writable, a workdir in use by another run or written by
+another one, a changed seed or data stream on resume, every checkpoint damaged, a non-finite loss, a
+checkpoint that could not be written: a full disk); 130 Ctrl-C (after a checkpoint when a step had
+finished); 1 a bug.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shlex
 import sys
 
 USAGE = """usage: python -m crate_jax.train --config configs/FILE.py[:ARGS] --workdir DIR [--config.KEY=VALUE ...]
@@ -22,7 +31,8 @@ USAGE = """usage: python -m crate_jax.train --config configs/FILE.py[:ARGS] --wo
   --workdir DIR             checkpoints, metrics.jsonl, tensorboard/, config.json, model.json (local or gs://)
   --config.KEY=VALUE        override one config value, e.g. --config.optim.lr=1e-3 --config.model.scan=True
   --coordinator/--num-processes/--process-id   start jax.distributed explicitly (multi-host on CPU/GPU)
-  --local-devices N         CPU only: simulate N local devices"""
+  --local-devices N         CPU only: simulate N local devices
+  --debug                   print the traceback of a failure"""
 
 
 def _maybe_initialize_distributed(argv: list[str]) -> list[str]:
@@ -77,10 +87,33 @@ def _help(argv: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The command, returning its exit code (failures become one `error:` line; see the module docstring)."""
+    from crate_jax import errors
+    argv, debug = errors.take_debug(argv)
+    return errors.run(lambda a: _main(a, debug=debug), argv + ([errors.DEBUG_FLAG] if debug else []))
+
+
+class _OrbaxErrorsReportedOnce(logging.Filter):
+    """Orbax logs (through absl) a failed write with its traceback before the failure reaches the loop,
+    which reports it in one `error:` line: without --debug those records are dropped, and no absl record
+    carries a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _quiet_library_tracebacks() -> None:
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxErrorsReportedOnce) for f in absl.filters):
+        absl.addFilter(_OrbaxErrorsReportedOnce())
+
+
+def _main(argv: list[str], *, debug: bool = False) -> int:
     if "-h" in argv or "--help" in argv:
         print(_help(argv))
         return 0
+    command = shlex.join([os.path.basename(sys.executable), "-m", "crate_jax.train", *argv])
     from crate_jax.models import ConfigError
     from crate_jax.train import config_cli
     try:
@@ -96,22 +129,21 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}\n\n{USAGE}", file=sys.stderr)
         return 2
-    from crate_jax.checkpoint.training import CheckpointError
     from crate_jax.parallel.mesh import MeshError
-    from crate_jax.train.loop import DataError, NonFiniteLoss, train_and_evaluate
+    from crate_jax.train.loop import train_and_evaluate
+    if not debug:
+        _quiet_library_tracebacks()
     try:
-        train_and_evaluate(config, workdir)
-    except (ConfigError, MeshError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (NonFiniteLoss, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        out = train_and_evaluate(config, workdir, command=command)
+    except MeshError as e:
+        raise ConfigError(str(e)) from e
+    if out.get("stop_signal") == "SIGINT":
+        print(f"error: interrupted (Ctrl-C) at step {out['stopped_at']}; its checkpoint is saved: rerun the same "
+              f"command to resume", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from crate_jax import errors
+    errors.exit_with(lambda argv: _main(argv, debug=errors.DEBUG_FLAG in sys.argv[1:]))

@@ -3,9 +3,12 @@
 Used by `python -m crate_jax.train`, `crate_jax.aot` and `crate_jax.sweep`, so every tool reads a
 config the same way:
 
-* `FILE.py` is a path (relative to the working directory, or to the repository / installed package
-  root, so `configs/digits.py` works from any directory); it defines `get_config(arg)`. The
-  `configs` package is installed with crate_jax, so config files import `configs.common` from anywhere.
+* `FILE.py` is a path that defines `get_config(arg)`. A relative path is looked up in the working
+  directory first, so a project's own `./configs/X.py` wins; a `configs/X.py` that is not there is the
+  bundled recipe `X.py` of the `crate_jax.configs` package (the repository's `configs/` folder, installed
+  under crate_jax), so `--config configs/digits.py` works from any directory, in a checkout or from a
+  wheel. Recipes import `crate_jax.configs.common`, never a top-level `configs`, so a project's own
+  `configs` package cannot break them.
 * `--config.a.b=VALUE` (or `--config.a.b VALUE`) sets one value. An existing value keeps its type
   (`True`/`false`/`1`/`0` for booleans, numbers checked, `(2,9)` or `2,9` for tuples); a key that is
   absent or None takes the Python literal the text spells (`4`, `1e-3`, `True`, `None`, `(2, 9)`),
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -31,33 +33,41 @@ from crate_jax.models.config import ConfigError
 # Top-level keys the engine or a task reads; an override may add these even when a config omits them.
 ENGINE_KEYS = ("task", "seed", "res", "txt_len", "block", "batch_size", "total_steps", "num_epochs", "microbatches",
                "mesh", "optim", "loss", "init", "model", "data", "evals", "log_every", "eval_every",
-               "eval_batch_size", "checkpoint_every", "keep_checkpoints", "keep_period", "async_checkpoints")
+               "eval_batch_size", "checkpoint_every", "keep_checkpoints", "keep_period", "async_checkpoints",
+               "wandb")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-def _roots() -> list[Path]:
-    """Where a relative config path may live besides the working directory: the repository (or
-    site-packages) directory that holds the `configs` package."""
-    spec = importlib.util.find_spec("configs")
-    roots = []
-    if spec is not None and spec.submodule_search_locations:
-        roots += [Path(p).parent for p in spec.submodule_search_locations]
-    roots.append(Path(__file__).resolve().parents[2])
-    return roots
+BUNDLED_PREFIX = "configs"  # `configs/X.py` names a bundled recipe when the working directory has none
+
+
+def bundled_dir() -> Path:
+    """The folder of the bundled recipes: the repository's `configs/` in a checkout or an editable
+    install, `site-packages/crate_jax/configs` in a wheel install."""
+    import crate_jax.configs  # its __path__, not its spec: in a checkout the package points at configs/
+    return Path(next(iter(crate_jax.configs.__path__))).resolve()
+
+
+def bundled_names() -> list[str]:
+    """`configs/X.py` for every bundled recipe (`common.py` holds the shared pieces, not a recipe)."""
+    return sorted(f"{BUNDLED_PREFIX}/{q.name}" for q in bundled_dir().glob("*.py")
+                  if q.name not in ("__init__.py", "common.py"))
 
 
 def resolve_path(path: str) -> Path:
+    """The config file `path` names: as given (relative to the working directory), else, for
+    `configs/X.py`, the bundled recipe X.py (see the module docstring)."""
     p = Path(path).expanduser()
     if p.is_file():
         return p.resolve()
-    if not p.is_absolute():
-        for root in _roots():
-            if (root / p).is_file():
-                return (root / p).resolve()
-    known = sorted(str(q.relative_to(r)) for r in _roots()[:1] for q in (r / "configs").glob("*.py")
-                   if q.name not in ("__init__.py", "common.py")) if _roots() else []
-    raise ConfigError(f"--config {path}: no such file (looked in {os.getcwd()} and {_roots()[0]}); "
-                      f"the bundled configs are {known}")
+    looked = [str(Path.cwd() / p) if not p.is_absolute() else str(p)]
+    if not p.is_absolute() and len(p.parts) > 1 and p.parts[0] == BUNDLED_PREFIX:
+        bundled = bundled_dir().joinpath(*p.parts[1:])
+        if bundled.is_file():
+            return bundled
+        looked.append(str(bundled))
+    raise ConfigError(f"--config {path}: no such file (looked for {' and '.join(looked)}); the bundled configs "
+                      f"are {bundled_names()}")
 
 
 def load(spec: str) -> ConfigDict:

@@ -2,9 +2,20 @@
 checkpoints, metrics, evaluators.
 
 Every task family runs through this loop: `crate_jax.train.setup.Setup` builds everything that
-follows from the config (the task comes from `config.task`), the loop only drives it. A run resumes
-from the newest restorable checkpoint in `workdir`; the workdir's `config.json` / `model.json` are
-written only once the run is known to fit the workdir (a fresh start, or a successful restore).
+follows from the config (the task comes from `config.task`), the loop only drives it. The order is the
+contract:
+
+1. the workdir is checked and locked (`crate_jax.train.workdir`): an unusable path or a workdir held by
+   another run stops here, before a model is built or data opened;
+2. the config is validated and the data opened (config and data errors change nothing);
+3. the run is checked against the workdir (`crate_jax.train.resume`): the stored seed, each restored
+   step's parameters and data-iterator state. Damaged steps are set aside; another run's workdir is
+   refused untouched;
+4. only then are `config.json` / `model.json` written and the step compiled and run.
+
+SIGINT (Ctrl-C) during 1-4 stops at once (`KeyboardInterrupt`, exit 130 from the command); during
+training it saves a checkpoint at the next step boundary (a second Ctrl-C stops at once). SIGTERM
+(preemption) saves at the next step boundary too.
 """
 
 from __future__ import annotations
@@ -20,28 +31,33 @@ import numpy as np
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
+from crate_jax import errors
 from crate_jax.checkpoint.training import TrainCheckpointer, as_path
-from crate_jax.models import registry as model_registry
 from crate_jax.models.config import ConfigError
 from crate_jax.parallel import mesh as mesh_lib
 from crate_jax.train import metrics as M
 from crate_jax.train.evaluation import EvalState, due, global_batch
+from crate_jax.train.resume import (DataStateCheck, config_changes, refuse_changed_stream,
+                                    write_run_metadata)
 from crate_jax.train.setup import Setup, memory_report
+from crate_jax.train.workdir import WorkdirLock, check_workdir
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(errors.StateError):
+    """The run produced a non-finite loss, gradient or parameter (exit 3); the message names the last good step."""
 
 
-class DataError(RuntimeError):
+class DataError(errors.UsageError):
     """The training data cannot be opened (missing files, an unprepared dataset); the message says which."""
 
 
 class _Preemption:
-    """SIGTERM / SIGINT set a flag; the loop saves at the next step boundary and exits cleanly."""
+    """SIGTERM / SIGINT set a flag; the loop saves at the next step boundary and exits cleanly. A second
+    SIGINT raises `KeyboardInterrupt` at once."""
 
     def __init__(self):
         self.requested = False
+        self.signal: str | None = None  # the name of the first signal received
         self._old = {}
 
     def __enter__(self):
@@ -53,8 +69,12 @@ class _Preemption:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
-        M.console(f"received {signal.Signals(signum).name}: saving a checkpoint at the next step boundary")
+        self.signal = self.signal or signal.Signals(signum).name
+        M.console(f"received {signal.Signals(signum).name}: saving a checkpoint at the next step boundary"
+                  + (" (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""))
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -67,74 +87,45 @@ class _Preemption:
         return bool(np.any(flags))
 
 
-def write_run_metadata(workdir, config: ConfigDict, model_cfg) -> None:
-    """`config.json` (the run's config) and `model.json` (the model, for `export` / `predict`; only for a
-    model config of a registered kind)."""
-    if jax.process_index() != 0:
-        return
-    from crate_jax.checkpoint.bundle import MODEL_JSON
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    if model_cfg is None:
-        return
-    meta = {"kind": model_registry.kind_of(model_cfg), "config": model_cfg.to_dict(), "source": "training"}
-    (workdir / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
-
-
-def config_changes(workdir, config: ConfigDict) -> list[str]:
-    """`'optim.lr: 0.001 -> 0.0005'` for every leaf that differs from the workdir's `config.json`."""
-    path = workdir / "config.json"
-    if not path.exists():
-        return []
-    try:
-        old = json.loads(path.read_text())
-    except ValueError:
-        return ["(the stored config.json is not JSON)"]
-    new = json.loads(config.to_json_best_effort())
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in (d.items() if isinstance(d, dict) else []):
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-    a, b = flat(old), flat(new)
-    return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict:
-    """Trains to the task's total steps, resuming from `workdir` if it holds checkpoints. Returns the last
-    train/eval metrics."""
+def train_and_evaluate(config: ConfigDict, workdir: str | Path, *, command: str | None = None) -> dict:
+    """Trains to the task's total steps, resuming from `workdir` if it holds checkpoints (see the module
+    docstring for the order of checks). Returns the last train/eval metrics, plus `stopped_at` and
+    `stop_signal` when a signal stopped the run early. `command` is what the workdir lock records."""
     workdir = as_path(workdir)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    setup = Setup(config, mesh)  # every config error is raised here, before the workdir is touched
-    try:  # open the data before touching the workdir: a missing dataset changes nothing
-        train_it = setup.task.train_iterator(batch_size=setup.per_process_batch, process_index=jax.process_index(),
-                                             process_count=jax.process_count())
-    except ConfigError:
-        raise
-    except (ValueError, OSError) as e:
-        raise DataError(f"the training data cannot be opened: {e}") from e
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        ckpt = TrainCheckpointer(workdir / "checkpoints", keep=config.get("keep_checkpoints", 3),
-                                 keep_period=config.get("keep_period", None),
-                                 async_save=config.get("async_checkpoints", True))
+    check_workdir(workdir)
+    with WorkdirLock(workdir, command=command):
+        mesh = mesh_lib.make_mesh(config.mesh)
+        setup = Setup(config, mesh)  # every config error is raised here, before the workdir changes
+        try:  # open the data before touching the workdir: a missing dataset changes nothing
+            train_it = setup.task.train_iterator(batch_size=setup.per_process_batch,
+                                                 process_index=jax.process_index(), process_count=jax.process_count())
+        except ConfigError:
+            raise
+        except (ValueError, OSError) as e:
+            raise DataError(f"the training data cannot be opened: {e}") from e
         try:
-            return _train(setup, workdir, ckpt, train_it)
+            refuse_changed_stream(workdir, config, _holds_steps(workdir / "checkpoints"))
+            ckpt = TrainCheckpointer(workdir / "checkpoints", keep=config.get("keep_checkpoints", 3),
+                                     keep_period=config.get("keep_period", None),
+                                     async_save=config.get("async_checkpoints", True))
+            try:
+                return _train(setup, workdir, ckpt, train_it)
+            finally:
+                ckpt.close()
         finally:
-            ckpt.close()
-    finally:
-        train_it.close()
+            train_it.close()
+
+
+def _holds_steps(directory) -> bool:
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def _train(setup: Setup, workdir, ckpt: TrainCheckpointer, train_it) -> dict:
     config, mesh, task, total_steps = setup.config, setup.mesh, setup.task, setup.total_steps
-    restored = ckpt.restore(setup.abstract_state)  # a workdir of another run raises, untouched
-    data_state = None
+    # Another run's workdir raises, untouched; the restored data-iterator state is applied to train_it.
+    restored = ckpt.restore(setup.abstract_state, use_data=DataStateCheck(train_it))
     if restored is not None:
-        start, state, data_state = restored
+        start, state, _ = restored
         M.console(f"resumed from {workdir / 'checkpoints'} at step {start}")
         changed = config_changes(workdir, config)
         if changed:
@@ -143,14 +134,13 @@ def _train(setup: Setup, workdir, ckpt: TrainCheckpointer, train_it) -> dict:
     else:
         state, start = setup.fresh_state(), 0
     write_run_metadata(workdir, config, task.model_cfg)  # the run fits the workdir: now it may change
-    if data_state is not None:
-        train_it.set_state(data_state)
 
+    M.console("compiling the train step")
     t0 = time.perf_counter()
     compiled = setup.compile()
     M.console(f"compiled train step in {time.perf_counter() - t0:.1f}s; {memory_report(compiled)} "
               f"(mesh {dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} processes)")
-    writer = M.MetricsWriter(workdir, resume_step=start)
+    writer = M.MetricsWriter(workdir, resume_step=start, wandb=config.get("wandb", None), run_config=config)
     peak = M.measure_matmul_peak() * jax.device_count()
     flops_per_example = task.flops_per_example()
     tokens_per_example = task.tokens_per_example()
@@ -228,7 +218,7 @@ def _train(setup: Setup, workdir, ckpt: TrainCheckpointer, train_it) -> dict:
                 if stop:
                     ckpt.wait()
                     M.console(f"stopped at step {step} on request; checkpoint saved in {workdir / 'checkpoints'}")
-                    return dict(last, stopped_at=step)
+                    return dict(last, stopped_at=step, stop_signal=preempt.signal)
                 if step != total_steps:
                     last.update(evaluate(step, state, final=False))
             ckpt.wait()

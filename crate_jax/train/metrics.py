@@ -1,10 +1,13 @@
-"""Where metrics go: `metrics.jsonl`, TensorBoard event files (no TensorFlow needed) and the console.
+"""Where metrics go: `metrics.jsonl`, TensorBoard event files (no TensorFlow needed), the console and,
+when `config.wandb` is set, Weights & Biases (`wandb_log`).
 Only process 0 writes.
 
-A resumed run re-runs the steps after its checkpoint, so on resume the writer first drops the
-`metrics.jsonl` rows of steps after the resumed one: every step appears once, as the run that
-produced the checkpointed state logged it. `read_metrics` (what `sweep` and the plots use) also
-keeps only the last row per step and key, for files written before this rule.
+Every logged step is one line of `metrics.jsonl`: what is written for the step just written (its
+evaluation after its train metrics) is merged into that step's line, which is rewritten in place. A
+resumed run re-runs the steps after its checkpoint, so on resume the writer first drops the rows of
+steps after the resumed one: every step appears once, as the run that produced the checkpointed state
+logged it (one run per workdir: `crate_jax.train.workdir`). `read_metrics` (what `sweep` and the plots
+use) also merges rows per step and key, for files written before these rules.
 """
 
 from __future__ import annotations
@@ -44,13 +47,16 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | Path, *, enabled: bool | None = None, resume_step: int | None = None):
+    def __init__(self, workdir: str | Path, *, enabled: bool | None = None, resume_step: int | None = None,
+                 wandb=None, run_config=None):
+        """`wandb`: the `config.wandb` section (None: no W&B run); `run_config`: the config W&B shows."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         from etils import epath
         self.workdir = epath.Path(str(workdir))
         self.remote = "://" in str(workdir)
         self._jsonl = None
         self._lines: list[str] = []  # remote workdirs (gs://) cannot append: the file is rewritten
+        self._last: tuple[int, dict, int] | None = None  # (step, row, byte offset of its line) of the last write
         self._tb = None
         if self.enabled:
             path = self.workdir / "metrics.jsonl"
@@ -63,39 +69,61 @@ class MetricsWriter:
             if self.remote:
                 self._lines = lines
             else:
-                self._jsonl = open(path, "a", buffering=1)
+                self._jsonl = open(path, "ab", buffering=0)
             try:
                 from tensorboard.summary.writer.event_file_writer import EventFileWriter
                 (self.workdir / "tensorboard").mkdir(exist_ok=True)
                 self._tb = EventFileWriter(str(self.workdir / "tensorboard"))
             except Exception:  # noqa: BLE001 - no tensorboard, or a filesystem it cannot write to
                 self._tb = None
+        self._wandb = None
+        if self.enabled and wandb is not None:
+            from crate_jax.train import wandb_log
+            self._wandb = wandb_log.open_sink(self.workdir, wandb, run_config)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in metrics.items()}
-        line = json.dumps({"step": int(step), **clean}) + "\n"
+        same = self._last is not None and self._last[0] == int(step)
+        row = {**self._last[1], **clean} if same else {"step": int(step), **clean}
+        line = json.dumps(row) + "\n"
         if self._jsonl is not None:
-            self._jsonl.write(line)
+            if same:  # the step's line is the file's last: replace it by the merged one
+                offset = self._last[2]
+                self._jsonl.truncate(offset)
+            else:
+                offset = self._jsonl.seek(0, os.SEEK_END)
+            self._jsonl.write(line.encode())
         else:
-            self._lines.append(line)
+            if same:
+                self._lines[-1] = line
+            else:
+                self._lines.append(line)
+            offset = 0
             (self.workdir / "metrics.jsonl").write_text("".join(self._lines))
+        self._last = (int(step), row, offset)
         if self._tb is not None:
             from tensorboard.compat.proto.event_pb2 import Event
             from tensorboard.compat.proto.summary_pb2 import Summary
             values = [Summary.Value(tag=k, simple_value=v) for k, v in clean.items() if math.isfinite(v)]
             self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
+        if self._wandb is not None:
+            self._wandb.log(step, clean)
 
     def flush(self):
         if self._tb is not None:
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.flush()
 
     def close(self):
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 def _step_of(line: str) -> int | None:

@@ -1,4 +1,4 @@
-"""On-device mixup / cutmix (SPEC §7.2): each step picks one of the two with probability ½; the
+"""On-device mixup / cutmix (docs/vision.md §Recipes): each step picks one of the two with probability ½; the
 partner of example i is the reversed batch; mixup λ ~ Beta(α_m, α_m), cutmix λ ~ Beta(α_c, α_c)
 with a box of area (1 − λ) and λ recomputed from the clipped box."""
 

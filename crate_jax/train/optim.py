@@ -36,31 +36,43 @@ def path_mask(params, pattern: str | None):
 
 def schedule(cfg: ConfigDict, total_steps: int):
     """`s(t) = min(1, t/warmup) · (r + (1 − r)·½(1 + cos(π·progress)))`, `r = min_lr/lr` (docs/math.md §Optimizer);
-    returns the learning rate `lr · s(t)`."""
+    returns the learning rate `lr · s(t)`. With `dino_schedule` the warm-up is DINO's `cosine_scheduler` grid,
+    `t/(warmup − 1)` for `t < warmup` (its `np.linspace(0, lr, warmup)`), the cosine part unchanged."""
     lr, warmup = float(cfg.lr), int(cfg.warmup_steps)
+    if not warmup and cfg.get("warmup_frac"):  # a fraction of a run whose length comes from num_epochs (fine-tuning)
+        warmup = int(round(float(cfg.warmup_frac) * total_steps))
     r = float(cfg.get("min_lr", 0.0)) / lr if cfg.get("min_lr", 0.0) else 0.0
     kind = cfg.get("schedule", "cosine")
 
+    dino = bool(cfg.get("dino_schedule", False))
+
     def fn(step):
         t = jnp.asarray(step, jnp.float32)
-        warm = jnp.minimum(1.0, t / warmup) if warmup > 0 else 1.0
+        if warmup > 0 and dino:  # DINO `cosine_scheduler`: np.linspace(0, lr, W) over steps 0..W−1
+            warm = jnp.where(t < warmup, t / max(1, warmup - 1), 1.0)
+        else:
+            warm = jnp.minimum(1.0, t / warmup) if warmup > 0 else 1.0
         if kind == "constant":
             return lr * warm
         progress = jnp.clip((t - warmup) / max(1, total_steps - warmup), 0.0, 1.0)
+        if kind == "linear":  # BERT / RoBERTa: straight down to min_lr at the last step
+            return lr * warm * (r + (1.0 - r) * (1.0 - progress))
         return lr * warm * (r + (1.0 - r) * 0.5 * (1.0 + jnp.cos(math.pi * progress)))
     return fn
 
 
 def wd_schedule(cfg: ConfigDict, total_steps: int):
     """The weight-decay rate: `wd` constant, or (with `wd_end`) a cosine from `wd` at step 0 to `wd_end`
-    at the last step (DINO / SimDINO: 0.04 -> 0.4). Decoupled: the update adds `lr · s(t) · wd(t) · θ`."""
+    at the last step (DINO / SimDINO: 0.04 -> 0.4). Decoupled: the update adds `lr · s(t) · wd(t) · θ`.
+    With `dino_schedule` the cosine runs over `t/T` as DINO's `cosine_scheduler` (it never reaches `wd_end`)."""
     wd = float(cfg.get("wd", 0.0) or 0.0)
     if cfg.get("wd_end") is None:
         return wd
     end = float(cfg.wd_end)
+    span = total_steps if cfg.get("dino_schedule", False) else total_steps - 1  # DINO: i/T, i < T
 
     def fn(step):
-        progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(1, total_steps - 1), 0.0, 1.0)
+        progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(1, span), 0.0, 1.0)
         return end + (wd - end) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
     return fn
 
@@ -126,6 +138,25 @@ def clip_per_parameter(max_norm: float, groups=None, stacked=None) -> optax.Grad
     return optax.stateless(clip)
 
 
+def freeze_for(params, freeze_steps: list[tuple[str, int]]) -> optax.GradientTransformation:
+    """Zeroes the updates of parameters whose path fully matches a regex of `freeze_steps` while the step
+    count is below that entry's step count (DINO's `cancel_gradients_last_layer` for its first epoch). The
+    optimizer puts it both before Adam (zero gradients: the moments stay zero) and last (no weight decay)."""
+    rx = [(re.compile(p), int(n)) for p, n in freeze_steps]
+    until = jax.tree_util.tree_map_with_path(
+        lambda p, _: next((n for r, n in rx if r.fullmatch(path_str(p))), 0), params)
+
+    def init(_):
+        return {"count": jnp.zeros((), jnp.int32)}
+
+    def update(updates, state, params=None):
+        del params
+        c = state["count"]
+        out = jax.tree.map(lambda u, n: jnp.where(c < n, jnp.zeros_like(u), u) if n else u, updates, until)
+        return out, {"count": c + 1}
+    return optax.GradientTransformation(init, update)
+
+
 def _scale_by_group(params, lr_mults: list[tuple[str, float]]) -> optax.GradientTransformation:
     """Multiplies each parameter's update by the multiplier of the first `(regex, multiplier)` its path
     fully matches (1 if none)."""
@@ -141,7 +172,8 @@ def build_optimizer(cfg: ConfigDict, params, total_steps: int, param_axes=None
     clip, clip_mode ('global' norm, the default, or 'per_param': each parameter, and each layer of a
     parameter stacked over layers, clipped on its own), clip_fuse (per_param: regexes, or 'qkv', whose
     matches share one norm), freeze (list of regexes), lr_mults (list of (regex, multiplier)), wd_end (cosine
-    weight-decay schedule to this value). `param_axes` (a tree of `Axes` matching `params`) tells which
+    weight-decay schedule to this value), dino_schedule (DINO's warm-up and weight-decay grid), freeze_steps
+    (list of (regex, steps): no update for those parameters before that step). `param_axes` (a tree of `Axes` matching `params`) tells which
     parameters are stacked over layers; without it every parameter counts as one tensor."""
     name = cfg.get("name", "adamw")
     if name not in OPTIMIZERS:
@@ -152,6 +184,9 @@ def build_optimizer(cfg: ConfigDict, params, total_steps: int, param_axes=None
     clip_mode = cfg.get("clip_mode", None) or "global"
     if clip_mode not in CLIP_MODES:
         raise ConfigError(f"config.optim.clip_mode: got {clip_mode!r}, expected one of {CLIP_MODES}")
+    freeze_steps = [(str(p), int(n)) for p, n in (cfg.get("freeze_steps", None) or [])]
+    if freeze_steps:
+        parts.append(freeze_for(params, freeze_steps))
     if cfg.get("clip"):
         if clip_mode == "global":
             parts.append(optax.clip_by_global_norm(float(cfg.clip)))
@@ -171,6 +206,8 @@ def build_optimizer(cfg: ConfigDict, params, total_steps: int, param_axes=None
     lr_mults = [(str(p), float(m)) for p, m in (cfg.get("lr_mults", None) or [])]
     if lr_mults:
         parts.append(_scale_by_group(params, lr_mults))
+    if freeze_steps:
+        parts.append(freeze_for(params, freeze_steps))
     tx = optax.chain(*parts)
     freeze = list(cfg.get("freeze", []) or [])
     if freeze:

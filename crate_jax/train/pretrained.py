@@ -1,4 +1,4 @@
-"""Initialising a model from a pretrained checkpoint (SPEC §2.6, §7.3): parameters whose path matches
+"""Initialising a model from a pretrained checkpoint (docs/math.md §Position tables): parameters whose path matches
 `init.dont_load` keep their fresh init (the head, by default); a patch kernel of another size is
 bilinearly resized; a position embedding of another length is resampled on the 2-D grid (or along
 the flattened 1-D token axis, CLIPA's mode, with `init.posemb_resample='1d'`)."""

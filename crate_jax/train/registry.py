@@ -17,6 +17,8 @@ TASKS: dict[str, Any] = {
     "classification": "crate_jax.train.classification:ClassificationTask",
     "clip": "crate_jax.clip.task:ClipTask",
     "lm": "crate_jax.lm.task:LMTask",
+    "mlm": "crate_jax.mlm.task:MLMTask",
+    "glue": "crate_jax.mlm.glue:GlueTask",
     "mae": "crate_jax.ssl.mae_task:MAETask",
     "simdino": "crate_jax.ssl.simdino_task:SimDINOTask",
 }
@@ -26,8 +28,11 @@ EVALUATORS: dict[str, Any] = {
     "zeroshot": "crate_jax.clip.zeroshot:ZeroShotEvaluator",
     "retrieval": "crate_jax.clip.zeroshot:RetrievalEvaluator",
     "lm_loss": "crate_jax.lm.evaluators:LMLossEvaluator",
+    "mlm_loss": "crate_jax.mlm.evaluators:MLMLossEvaluator",
+    "glue": "crate_jax.mlm.glue:GlueEvaluator",
     "knn": "crate_jax.probe.knn:KNNEvaluator",
     "linear_probe": "crate_jax.probe.linear_probe:LinearProbeEvaluator",
+    "segmentation": "crate_jax.analysis.seg_evaluator:SegmentationEvaluator",
 }
 
 

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from crate_jax.models import registry as model_registry
+from crate_jax.models.act_sharding import activation_mesh
 from crate_jax.models.config import ConfigError
 from crate_jax.parallel import sharding as sh
 from crate_jax.train import registry
@@ -92,7 +93,11 @@ class Setup:
                                                      sharding=self.batch_sh[k]) for k, v in spec.items()}
         step_fn = make_train_step(self.graphdef, task, self.tx, self.lr_fn, seed=config.seed,
                                   microbatches=config.get("microbatches", 1))
-        self.train_step = jax.jit(step_fn, in_shardings=(self.state_sh, self.batch_sh),
+
+        def step_on_mesh(state, batch):  # activations batch-sharded between blocks (models/act_sharding.py)
+            with activation_mesh(mesh):
+                return step_fn(state, batch)
+        self.train_step = jax.jit(step_on_mesh, in_shardings=(self.state_sh, self.batch_sh),
                                   out_shardings=(self.state_sh, sh.replicated(mesh)), donate_argnums=(0,))
 
     def _total_steps(self) -> int:

@@ -15,9 +15,12 @@ from crate_jax.models import ConfigError
 from crate_jax.parallel.mesh import data_parallel_size
 
 OPTIM_KEYS = ("name", "lr", "min_lr", "warmup_steps", "schedule", "b1", "b2", "eps", "mu_dtype", "wd", "wd_end",
-              "wd_mask", "clip", "clip_mode", "freeze", "lr_mults")
+              "wd_mask", "clip", "clip_mode", "clip_fuse", "freeze", "lr_mults",
+              "dino_schedule", "freeze_steps", "warmup_frac")
 INIT_KEYS = ("checkpoint", "dont_load", "posemb_resample")
-SCHEDULES = ("cosine", "constant")
+WANDB_KEYS = ("project", "mode", "entity", "name", "group", "tags")  # passed to wandb.init as they are
+WANDB_MODES = ("online", "offline", "disabled")
+SCHEDULES = ("cosine", "constant", "linear")
 
 
 def _is_int(v) -> bool:
@@ -114,6 +117,7 @@ def validate_config(config: ConfigDict) -> None:
     if config.get("async_checkpoints") is not None and not isinstance(config.async_checkpoints, bool):
         raise ConfigError(f"config.async_checkpoints: expected true or false, got {config.async_checkpoints!r}")
     validate_optim(config)
+    validate_wandb(config)
     init = config.get("init", None)
     if init is not None:
         known_keys(init, "init", INIT_KEYS)
@@ -133,6 +137,7 @@ def validate_optim(config: ConfigDict) -> None:
     need_number(config, "optim.lr", lo=0, lo_open=True, what=" (the peak learning rate)")
     need_number(config, "optim.min_lr", lo=0, hi=float(o.lr), optional=True, what=" (at most optim.lr)")
     need_int(config, "optim.warmup_steps", 0, optional=True)
+    need_number(config, "optim.warmup_frac", lo=0, hi=1, optional=True, what=" (warm-up as a fraction of the run)")
     need_choice(config, "optim.schedule", SCHEDULES, optional=True)
     for key in ("b1", "b2"):
         need_number(config, f"optim.{key}", lo=0, hi=1, hi_open=True, optional=True)
@@ -146,10 +151,40 @@ def validate_optim(config: ConfigDict) -> None:
         need_regex(config, "optim.wd_mask", o.wd_mask)
     for i, f in enumerate(o.get("freeze", None) or []):
         need_regex(config, f"optim.freeze[{i}]", f)
+    for i, pair in enumerate(o.get("freeze_steps", None) or []):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[1], int) or pair[1] < 0:
+            raise ConfigError(f"config.optim.freeze_steps[{i}]: expected (regex, steps >= 0), got {pair!r}")
+        need_regex(config, f"optim.freeze_steps[{i}]", pair[0])
     for i, pair in enumerate(o.get("lr_mults", None) or []):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not _is_num(pair[1]) or pair[1] < 0:
             raise ConfigError(f"config.optim.lr_mults[{i}]: expected (regex, multiplier >= 0), got {pair!r}")
         need_regex(config, f"optim.lr_mults[{i}]", pair[0])
+
+
+def validate_wandb(config: ConfigDict) -> None:
+    """`config.wandb`: None, or dict(project=NAME, mode='online'|'offline'|'disabled', entity=, name=, group=,
+    tags=[...]); the `wandb` package must be importable unless the mode is 'disabled'."""
+    w = config.get("wandb", None)
+    if w is None:
+        return
+    if not isinstance(w, (ConfigDict, dict)):
+        raise ConfigError(f"config.wandb: expected None or dict(project=NAME, mode='online'|'offline'|'disabled'), "
+                          f"got {w!r}")
+    known_keys(w, "wandb", WANDB_KEYS)
+    project = w.get("project")
+    if not isinstance(project, str) or not project:
+        raise ConfigError(f"config.wandb.project: expected the W&B project name (a non-empty string), got {project!r}")
+    need_choice(config, "wandb.mode", WANDB_MODES, optional=True)
+    for key in ("entity", "name", "group"):
+        if w.get(key) is not None and not isinstance(w.get(key), str):
+            raise ConfigError(f"config.wandb.{key}: expected a string or None, got {w.get(key)!r}")
+    tags = w.get("tags")
+    if tags is not None and (not isinstance(tags, (list, tuple)) or not all(isinstance(s, str) for s in tags)):
+        raise ConfigError(f"config.wandb.tags: expected a list of strings, got {tags!r}")
+    import importlib.util
+    if w.get("mode") != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("config.wandb is set but the wandb package is not installed: pip install 'crate_jax[wandb]' "
+                          "(or set config.wandb=None)")
 
 
 def check_batch(config: ConfigDict, mesh) -> None:

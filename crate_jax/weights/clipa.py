@@ -1,9 +1,9 @@
-"""Official CLIPA two-tower weights (big_vision `.npz`, SPEC §3.1) <-> our two-tower tree.
+"""Official CLIPA two-tower weights (big_vision `.npz`, docs/math.md §CLIPA) <-> our two-tower tree.
 
     python -m crate_jax.convert --format clipa-jax --input clipa_l14_84.npz --output bundles/clipa_l14
 
 The file holds flat '/' paths (optionally under `params/`, with `opt/…` / `chrono/…` siblings that
-are ignored): `img/…` is a CRATE-α tree (SPEC §2.4, normally without conv and head biases, the head
+are ignored): `img/…` is a CRATE-α tree (docs/weights.md §Layouts, normally without conv and head biases, the head
 being the image projection), `txt/…` the plain text transformer and `t` the log temperature. The
 image tower is mapped by `crate_jax.weights.layouts` (format `crate-alpha-jax`); the text tower by
 the table below. Sizes are read from the shapes; every tensor is checked before anything is
@@ -72,7 +72,7 @@ def infer_text_config(tensors: Mapping[str, np.ndarray], source: str) -> tuple[T
     def need(name, ndim):
         if name not in shapes or len(shapes[name]) != ndim:
             raise WeightsError(f"{source}: expected a {ndim}-D tensor {name!r} in a CLIPA two-tower checkpoint "
-                               f"(SPEC §3.1); got {shapes.get(name, 'nothing')}")
+                               f"(docs/math.md §CLIPA); got {shapes.get(name, 'nothing')}")
         return shapes[name]
 
     vocab, w = need("txt/Embed_0/embedding", 2)
@@ -118,7 +118,7 @@ def from_clipa(tensors: Mapping[str, np.ndarray], *, source: str = "weights", dt
     if np.shape(tensors["t"]) != (1,):
         problems.append(f"t: expected shape (1,), got {np.shape(tensors['t'])}")
     if problems:
-        raise WeightsError(f"{source} does not match the CLIPA two-tower layout (SPEC §3.1):\n  "
+        raise WeightsError(f"{source} does not match the CLIPA two-tower layout (docs/math.md §CLIPA):\n  "
                            + "\n  ".join(problems))
     try:
         icfg, img_params = import_tensors("crate-alpha-jax", img, source=f"{source} (img/…)",

@@ -1,6 +1,6 @@
-"""Official CRATE-MAE weights (`model/crate_ae/crate_ae.py` state_dict, SPEC §4) -> our `CrateMAE` tree.
+"""Official CRATE-MAE weights (`model/crate_ae/crate_ae.py` state_dict, docs/math.md §CRATE-MAE) -> our `CrateMAE` tree.
 
-Official names (encoder and decoder blocks in CRATE's PreNorm naming, SPEC §1.6):
+Official names (encoder and decoder blocks in CRATE's PreNorm naming, docs/weights.md §Layouts):
 
     patch_embed.proj.weight (d, C, P, P) / .bias (d,)      cls_token, mask_token (1, 1, d)
     pos_embed, decoder_pos_embed (1, L+1, d)               fixed sincos tables, checked, not imported

@@ -5,13 +5,13 @@
 
 | fmt | model | names |
 |---|---|---|
-| `crate-gpt-torch` | CRATE-GPT | the nanoGPT-style state_dict of CRATE pull request #13 (SPEC §5) |
+| `crate-gpt-torch` | CRATE-GPT | the nanoGPT-style state_dict of CRATE pull request #13 (docs/math.md §Language models) |
 | `gpt2-hf` | GPT-2 | a Hugging Face `GPT2LMHeadModel` (or `GPT2Model`) state_dict |
 
 CRATE-GPT: `transformer.wte.weight [V, d]`, `transformer.wpe.weight [block, d]`, per block
 `transformer.h.{i}.` `prenorm_1.{weight,bias}`, `attn.c_attn.weight [d, d]` (torch Linear: the shared
 `U`, head index outer), `attn.c_proj.{weight [d, d], bias [d]}`, `prenorm_2.{weight,bias}`,
-`ista.weight [d, d]` (used as is, SPEC §1.2); the causal-mask buffer `attn.bias [1, 1, block, block]`
+`ista.weight [d, d]` (used as is, docs/math.md §CRATE); the causal-mask buffer `attn.bias [1, 1, block, block]`
 is ignored; `lm_head.weight` is the tied head and must equal `wte`.
 
 GPT-2 (HF): Conv1D weights are stored `[in, out]` (`y = x W + b`), not torch Linear's `[out, in]`:

@@ -2,11 +2,11 @@
 
 Three official layouts are supported (the `fmt` names used by `convert` and `export`):
 
-| fmt | model | names | SPEC |
+| fmt | model | names | docs |
 |---|---|---|---|
-| `crate-torch` | CRATE | torch `model/crate.py` state_dict | §1.6 |
-| `crate-alpha-torch` | CRATE-α | torch_inference state_dict | §2.2, §2.5 |
-| `crate-alpha-jax` | CRATE-α | big_vision flat '/' paths | §2.4 |
+| `crate-torch` | CRATE | torch `model/crate.py` state_dict | docs/weights.md §Layouts |
+| `crate-alpha-torch` | CRATE-α | torch_inference state_dict | docs/weights.md §Layouts |
+| `crate-alpha-jax` | CRATE-α | big_vision flat '/' paths | docs/weights.md §Layouts |
 
 Each layout is a list of `Rule`s, one per official tensor (per-layer tensors carry `{i}` in their
 name), saying where it lives in our tree (`crate_jax.checkpoint.bundle.params_dict`; per-layer
@@ -48,13 +48,13 @@ _JAX_ATTN = _JAX_BLOCK + "MultiHeadDotProductSubspaceAttention_0/"
 _JAX_ODL = _JAX_BLOCK + "OvercompleteISTABlock_0/"
 _TORCH_BLOCK = "transformer.layers.{i}."
 
-# Defaults of the official code that no weight file records (SPEC §1.2, §2.1, §2.2).
+# Defaults of the official code that no weight file records (docs/math.md §CRATE, §CRATE-α; docs/weights.md §Layouts).
 _OFFICIAL = {
     "crate": dict(eta=0.1, lmbda=0.1, ln_eps=1e-5, causal=False),
     "crate_alpha": dict(eta=0.1, lmbda=0.1, ln_eps=1e-6, causal=False, odl_ratio=4, odl_steps=2,
                         odl_decoupled=True, odl_residual=True, attn_out_bias=False),
 }
-# eps of the final LayerNorm in each official implementation (SPEC §2.2: torch 1e-5, JAX 1e-6).
+# eps of the final LayerNorm in each official implementation (docs/weights.md §Layouts: torch 1e-5, JAX 1e-6).
 FINAL_LN_EPS = {"crate-torch": 1e-5, "crate-alpha-torch": 1e-5, "crate-alpha-jax": 1e-6}
 
 
@@ -100,13 +100,13 @@ def rules(fmt: str, cfg: ModelConfig) -> list[Rule]:
         raise WeightsError(f"the {fmt} layout cannot express this model config: " + "; ".join(problems))
     d, K, p, C, P = cfg.width, cfg.num_heads, cfg.head_dim, cfg.channels, cfg.patch_size
     n, classes = cfg.num_patches + 1, cfg.num_classes
-    # MSSA maps (SPEC §2.2): torch `qkv.weight = proj.reshape(d, K·p).T`, `to_out.0.weight =
+    # MSSA maps (docs/weights.md §Layouts): torch `qkv.weight = proj.reshape(d, K·p).T`, `to_out.0.weight =
     # out.reshape(K·p, d).T`, head index outer in both.
     qkv = dict(to_ours=lambda w: w.T.reshape(d, K, p), to_official=lambda k: k.reshape(d, K * p).T)
     to_out = dict(to_ours=lambda w: w.T.reshape(K, p, d), to_official=lambda k: k.reshape(K * p, d).T)
     T = dict(to_ours=_t, to_official=_t)
 
-    if fmt == "crate-torch":  # SPEC §1.6
+    if fmt == "crate-torch":  # docs/weights.md §Layouts
         F = P * P * C
         tb = _TORCH_BLOCK
         return [
@@ -125,7 +125,7 @@ def rules(fmt: str, cfg: ModelConfig) -> list[Rule]:
             Rule(tb + "0.fn.to_out.0.bias", "encoder.blocks.mssa.out.bias", (d,)),
             Rule(tb + "1.norm.weight", "encoder.blocks.ln2.scale", (d,)),
             Rule(tb + "1.norm.bias", "encoder.blocks.ln2.bias", (d,)),
-            Rule(tb + "1.fn.weight", "encoder.blocks.ista.D", (d, d)),  # used as is (SPEC §1.2)
+            Rule(tb + "1.fn.weight", "encoder.blocks.ista.D", (d, d)),  # used as is (docs/math.md §CRATE)
             Rule("mlp_head.0.weight", "encoder_norm.scale", (d,)),
             Rule("mlp_head.0.bias", "encoder_norm.bias", (d,)),
             Rule("mlp_head.1.weight", "head.kernel", (classes, d), **T),
@@ -133,7 +133,7 @@ def rules(fmt: str, cfg: ModelConfig) -> list[Rule]:
         ]
 
     m = cfg.dict_size
-    if fmt == "crate-alpha-torch":  # SPEC §2.5
+    if fmt == "crate-alpha-torch":  # docs/weights.md §Layouts
         tb = _TORCH_BLOCK
         return [
             Rule("cls_token", "cls", (1, 1, d)),
@@ -155,7 +155,7 @@ def rules(fmt: str, cfg: ModelConfig) -> list[Rule]:
             Rule("mlp_head.1.bias", "head.bias", (classes,)),
         ]
 
-    # crate-alpha-jax, SPEC §2.4: our tree follows big_vision's, so every map is the identity.
+    # crate-alpha-jax, docs/weights.md §Layouts: our tree follows big_vision's, so every map is the identity.
     out = [Rule("cls", "cls", (1, 1, d))]
     if cfg.posemb == "learn":
         out.append(Rule("pos_embedding", "pos_embedding", (1, n, d)))
@@ -226,8 +226,8 @@ def _names(rule: Rule, depth: int) -> list[str]:
 # Names as stored -> names of the layout
 # ------------------------------------------------------------------------------------------------
 def normalise_names(fmt: str, tensors: Mapping[str, np.ndarray], source: str = "weights") -> dict[str, np.ndarray]:
-    """Strips the wrappers training code adds: DDP's `module.` (torch layouts, SPEC §1.6) and
-    big_vision's `params/` with its `opt/…`, `chrono/…` siblings (JAX layout, SPEC §2.4)."""
+    """Strips the wrappers training code adds: DDP's `module.` (torch layouts, docs/weights.md §Layouts) and
+    big_vision's `params/` with its `opt/…`, `chrono/…` siblings (JAX layout, docs/weights.md §Layouts)."""
     check_format(fmt)
     tensors = dict(tensors)
     if fmt.endswith("-torch"):
@@ -238,7 +238,7 @@ def normalise_names(fmt: str, tensors: Mapping[str, np.ndarray], source: str = "
         tensors = {k[len("params/"):]: v for k, v in tensors.items() if k.startswith("params/")}
     if any(k.startswith("img/") for k in tensors):
         raise WeightsError(f"{source}: this is a two-tower (CLIPA) checkpoint with img/… and txt/… parameters, "
-                           f"not an image classifier; the crate-alpha-jax import reads classifier trees (SPEC §2.4)")
+                           f"not an image classifier; the crate-alpha-jax import reads classifier trees")
     return tensors
 
 
@@ -258,7 +258,7 @@ def infer_config(fmt: str, tensors: Mapping[str, np.ndarray], variant: str | Non
                  source: str = "weights", **overrides) -> ModelConfig:
     """The model config that the tensors' shapes imply (names already normalised).
 
-    Width and depth pick the size name from the variant tables (SPEC §1.5, §2.3); the patch size
+    Width and depth pick the size name from the variant tables (docs/math.md §Sizes); the patch size
     comes from the stem kernel, the image size from the position embedding, heads from the MSSA
     kernel where the layout has them (`crate-alpha-jax`), else from the variant table. `variant`
     (e.g. 'B/16'; without '/P' the patch is still read from the kernel) replaces the inferred

@@ -3,8 +3,8 @@
 File types (chosen by extension):
 
 * `.pth` / `.pt` / `.bin`: a pickled torch state_dict, read with `torch.load(weights_only=True)`
-  (so no code in the file runs). A training wrapper `{'state_dict': ...}` (SPEC §1.6) is unwrapped.
-* `.npz`: numpy archive, e.g. a big_vision checkpoint (SPEC §2.4). bfloat16 arrays stored as 2-byte
+  (so no code in the file runs). A training wrapper `{'state_dict': ...}` (docs/weights.md §Layouts) is unwrapped.
+* `.npz`: numpy archive, e.g. a big_vision checkpoint (docs/weights.md §Layouts). bfloat16 arrays stored as 2-byte
   void (`|V2`) are re-viewed as `ml_dtypes.bfloat16`.
 * `.safetensors`: read with `safetensors.numpy` (bfloat16 comes back as `ml_dtypes.bfloat16`).
 
@@ -134,7 +134,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _unvoid(name: str, a: np.ndarray, path: Path) -> np.ndarray:
-    """big_vision stores bfloat16 as 2-byte void (SPEC §2.4): view it back."""
+    """big_vision stores bfloat16 as 2-byte void (docs/weights.md §Layouts): view it back."""
     if a.dtype.kind == "V":
         if a.dtype.itemsize != 2 or a.dtype.names:
             raise WeightsError(f"{path}: array '{name}' has an opaque dtype {a.dtype.str} that is not "

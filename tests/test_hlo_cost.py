@@ -1,0 +1,113 @@
+"""Where a step's bytes, FLOPs and collectives go (`crate_jax.parallel.hlo_cost`): the parser on hand-written HLO
+with known answers, and on a real compiled two-tower step for 8 simulated CPU devices, where the parts add up to
+the totals and the FSDP program moves no more than 1.5x the bytes of the data-parallel one (XLA's CPU cost
+analysis; the TPU figures are in bench/RESULTS.md)."""
+
+import math
+
+import pytest
+
+from crate_jax.parallel import hlo_cost as H
+
+HLO = """HloModule jit_step, is_scheduled=true
+
+FileNames
+1 "/x/crate_jax/models/layers.py"
+2 "/x/crate_jax/train/step.py"
+
+FunctionNames
+1 "Dense.__call__"
+2 "make_train_step.<locals>.step"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=116 end_line=116 column=1 end_column=1}
+2 {file_name_id=2 function_name_id=2 line=37 end_line=37 column=1 end_column=1}
+
+StackFrames
+1 {file_location_id=2 parent_frame_id=0}
+2 {file_location_id=1 parent_frame_id=2}
+
+%fused_dot (param_0: bf16[64,128], param_1: bf16[128,256]) -> f32[64,256] {
+  %param_0 = bf16[64,128]{1,0} parameter(0)
+  %param_1 = bf16[128,256]{1,0} parameter(1)
+  ROOT %dot.1 = f32[64,256]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (p: (s32[], f32[64,256])) -> (s32[], f32[64,256]) {
+  %p = (s32[], f32[64,256]) parameter(0)
+  %gte = f32[64,256]{1,0} get-tuple-element(%p), index=1
+  ROOT %add.9 = f32[64,256]{1,0} add(%gte, %gte)
+}
+
+%cond (p: (s32[], f32[64,256])) -> pred[] {
+  %p = (s32[], f32[64,256]) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (Arg_0: bf16[64,128], Arg_1: bf16[16,256]) -> f32[64,256] {
+  %Arg_0 = bf16[64,128]{1,0} parameter(0)
+  %Arg_1 = bf16[16,256]{1,0} parameter(1)
+  %all-gather.1 = bf16[128,256]{1,0} all-gather(%Arg_1), channel_id=1, replica_groups=mesh['axis_0'=8,'axis_1'=2] {'axis_0'}, dimensions={0}, metadata={op_name="jit(step)/jvp()/dot_general" stack_frame_id=2}
+  %fusion.1 = f32[64,256]{1,0} fusion(%Arg_0, %all-gather.1), kind=kOutput, calls=%fused_dot, metadata={op_name="jit(step)/transpose(jvp())/dot_general" stack_frame_id=2}
+  %tuple = (s32[], f32[64,256]) tuple(%c0, %fusion.1)
+  %while.1 = (s32[], f32[64,256]) while(%tuple), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %all-reduce.1 = f32[64,256]{1,0} all-reduce(%fusion.1), channel_id=2, replica_groups=[2,8]<=[16], to_apply=%add
+}
+"""
+
+
+def test_hand_written_module_has_the_known_costs():
+    b = H.Breakdown.of(HLO)
+    by_name = {c.name: c for c in b.charges}
+    f32, bf16 = 4, 2
+    gather = by_name["all-gather.1"]
+    assert gather.bytes == 16 * 256 * bf16 + 128 * 256 * bf16 and gather.collective == "all-gather"
+    assert gather.group == 8 and gather.wire_bytes() == pytest.approx(7 / 8 * 128 * 256 * bf16)
+    fusion = by_name["fusion.1"]
+    assert fusion.bytes == 64 * 128 * bf16 + 128 * 256 * bf16 + 64 * 256 * f32
+    assert fusion.flops == 2 * 64 * 256 * 128
+    assert fusion.source == "models/layers.py:116 Dense.__call__ < train/step.py:37 make_train_step (bwd)"
+    add = by_name["add.9"]  # in the loop body: charged three times
+    assert add.bytes == 3 * (3 * 64 * 256 * f32) and add.count == 3  # two operands + the result
+    reduce = by_name["all-reduce.1"]
+    assert reduce.group == 8 and reduce.wire_bytes() == pytest.approx(2 * 7 / 8 * 64 * 256 * f32)
+    assert set(by_name) == {"all-gather.1", "fusion.1", "add.9", "all-reduce.1"}  # tuple plumbing is free
+    assert b.bytes == sum(c.bytes for c in b.charges)
+    assert sum(v for _, v, _ in b.by(lambda c: c.opcode)) == pytest.approx(b.bytes)
+    roof = H.Roofline(b.flops, b.bytes, b.wire_bytes, "v5p")
+    assert roof.binding in ("compute", "memory", "communication") and roof.bound_s == max(roof.times.values())
+    assert "communication" in roof.text()
+
+
+def test_tpu_batched_matmul_written_as_convolution_counts_its_flops():
+    conv = H.Instr("c", "convolution", "f32[512,16,37,37]{2,3,1,0}",
+                   "bf16[512,37,16,64]{3,1,2,0}, bf16[512,37,16,64]{3,1,2,0}",
+                   ", window={size=512x16 stride=511x15 lhs_dilate=512x16}, dim_labels=0b1f_0o1i->01bf", "x")
+    # attention scores of 512 sequences x 16 heads: 37 x 37 outputs, each a 64-long dot product
+    assert H.dot_flops(conv) == 2 * 512 * 16 * 37 * 37 * 64
+
+
+@pytest.mark.slow
+def test_fsdp_two_tower_moves_no_more_than_data_parallel(tmp_path):
+    """A tiny CLIPA two-tower step compiled for 8 simulated devices, data-parallel and 8-way FSDP: the breakdown's
+    parts sum to its total, which tracks XLA's own byte count, and FSDP stays within 1.5x the bytes of data
+    parallelism (activations held batch-sharded between blocks, weights all-gathered: models/act_sharding.py)."""
+    from crate_jax.parallel.mesh import make_mesh
+    from crate_jax.train.setup import Setup
+    from test_clip import make_synth, tiny_config
+    data = make_synth(tmp_path)
+    totals = {}
+    for name, mesh in (("data", {"data": 8, "fsdp": 1, "tensor": 1}), ("fsdp", {"data": 1, "fsdp": 8, "tensor": 1})):
+        c = tiny_config(data, mesh=mesh, batch=32)
+        c.evals = {}
+        compiled = Setup(c, make_mesh(c.mesh)).compile()
+        b = H.Breakdown.of(compiled)
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        kinds = b.by(lambda ch: ch.collective or ch.opcode)
+        assert math.isclose(sum(v for _, v, _ in kinds), b.bytes, rel_tol=1e-9)
+        assert 0.6 < b.bytes / float(cost["bytes accessed"]) < 1.6, (b.bytes, cost["bytes accessed"])
+        assert b.flops > 0 and "collectives:" in b.text()
+        totals[name] = float(cost["bytes accessed"])
+    assert any(c.collective == "all-gather" for c in b.charges)  # FSDP gathers its weights
+    assert totals["fsdp"] <= 1.5 * totals["data"], totals
