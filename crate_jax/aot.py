@@ -29,6 +29,7 @@ import re
 import sys
 import time
 
+from crate_jax import errors
 # Slice names (v5p-128, v5e-16, v5p:4x4x8, ...) are parsed by the one parser the launcher uses too.
 from crate_jax.parallel.tpu_slices import SliceError, TpuSlice, parse as parse_topology
 
@@ -352,4 +353,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.exit_with(main)

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 import jax
+import ml_dtypes
 import numpy as np
 
 from crate_jax import errors

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from crate_jax import errors
 from crate_jax.checkpoint.bundle import BundleError
 from crate_jax.checkpoint.models import load
 from crate_jax.lm.inference import TokenInputError, find_tokenizer
@@ -117,4 +118,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.exit_with(main)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from crate_jax import errors
 from crate_jax.models import VARIANTS, ConfigError, abstract_model, count_params, model_config
 from crate_jax.models.flops import forward_flops
 
@@ -85,4 +86,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.exit_with(main)

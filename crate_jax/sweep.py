@@ -40,6 +40,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from crate_jax import errors
+
 SIZE_ORDER = ("Ti", "T", "S", "M", "B", "L", "H", "g", "G", "e")
 POINT_FILE = "sweep_point.json"
 
@@ -558,4 +560,4 @@ def _count(values) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.exit_with(main)

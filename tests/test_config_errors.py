@@ -22,7 +22,7 @@ ENGINE_BAD = [
     ("keep_period", "0"), ("eval_every", "-1"), ("eval_batch_size", "100"), ("eval_batch_size", "0"),
     ("seed", "-1"), ("microbatches", "0"), ("microbatches", "7"), ("optim.lr", "-1"), ("optim.lr", "nan"),
     ("optim.min_lr", "-0.5"), ("optim.warmup_steps", "-1"), ("optim.b1", "1.5"), ("optim.b2", "-0.1"),
-    ("optim.wd", "-0.1"), ("optim.clip", "-1"), ("optim.name", "sgd"), ("optim.schedule", "linear"),
+    ("optim.wd", "-0.1"), ("optim.clip", "-1"), ("optim.name", "sgd"), ("optim.schedule", "quadratic"),
     ("optim.mu_dtype", "int8"), ("optim.wd_mask", "(unclosed"), ("optim.lrr", "0.1"), ("mesh.data", "3"),
     ("mesh.tensor", "0"), ("mesh.pipeline", "2"), ("task", "nope"), ("init.posemb_resample", "3d"),
     ("init.dont_load", "(x"), ("async_checkpoints", "maybe"), ("not_a_key", "1"),

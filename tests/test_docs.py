@@ -112,6 +112,10 @@ def headings(path: Path) -> list[str]:
 def module_exists(dotted: str) -> bool:
     """True if `a.b.c` or one of its prefixes of two or more parts is a module or package of the repository."""
     parts = dotted.split(".")
+    if len(parts) == 2 and parts[0] == "crate_jax":  # the top-level API (`crate_jax.load`, `crate_jax.save`)
+        import crate_jax
+        if parts[1] in crate_jax.__all__:
+            return True
     if parts[:2] == ["crate_jax", "configs"]:  # configs/ is installed as crate_jax.configs
         return len(parts) == 2 or (ROOT / "configs" / (parts[2] + ".py")).is_file()
     for n in range(len(parts), 1, -1):

@@ -104,11 +104,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--train-samples", type=int, default=10_000)
-    ap.add_argument("--pretrain-steps", type=int, default=2_500)
-    ap.add_argument("--finetune-steps", type=int, default=500)
+    ap.add_argument("--train-samples", type=int, default=3_000)
+    ap.add_argument("--pretrain-steps", type=int, default=300)
+    ap.add_argument("--finetune-steps", type=int, default=100)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--eval-images", type=int, default=200, help="held-out multi-object scenes")
+    ap.add_argument("--eval-images", type=int, default=60, help="held-out multi-object scenes")
     args = ap.parse_args(argv)
     from crate_jax import errors
     try:

@@ -199,4 +199,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from crate_jax import errors
+    errors.exit_with(main)

@@ -1,12 +1,12 @@
 """Masked-LM encoder weight layouts <-> our `MaskedEncoder` tree (`crate_jax.models.bert`).
 
-    python -m crate_jax.convert --format crate-bert-hf --input model.safetensors --output bundles/crate_bert [--heads 12]
+    python -m crate_jax.convert --format crate-bert-hf --input model.safetensors --output bundles/crate_bert
     python -m crate_jax.convert --format bert-hf --input pytorch_model.bin --output bundles/bert_base
     python -m crate_jax.convert --format roberta-hf --input model.safetensors --output bundles/roberta_base
 
 | fmt | model | names (prefix of the encoder) |
 |---|---|---|
-| `crate-bert-hf` | CRATE-BERT | `CrateForMaskedLM` of `transformers` pull request #27759 (`crate.`) or its bare `CrateModel` |
+| `crate-bert-hf` | CRATE-BERT | `CrateForMaskedLM` of `transformers` PR #27759 (`crate.`), or its bare `CrateModel` |
 | `bert-hf` | BERT | `BertForMaskedLM` / `BertForPreTraining` (`bert.`), or a bare `BertModel` |
 | `roberta-hf` | BERT with RoBERTa positions | `RobertaForMaskedLM` (`roberta.`), or a bare `RobertaModel` |
 
