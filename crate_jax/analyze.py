@@ -270,7 +270,7 @@ def run_tokens(args) -> dict:
     try:
         encoder = registry.kind_of(cfg) == "bert"  # masked-LM rows: padding excluded (crate_jax.mlm.measure)
         if encoder:
-            from crate_jax.mlm.measure import check_rows, measure_bert as measure_lm
+            from crate_jax.mlm.measure import check_rows, measure_bert
             tokens = check_rows(read_token_array(args.tokens), cfg, args.tokens)
         else:
             tokens = check_tokens(read_token_array(args.tokens), cfg, args.tokens, windows=True)
@@ -284,12 +284,13 @@ def run_tokens(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     kw = dict(batch_size=args.batch_size, paper_eps=args.paper_eps, official_eps_sq=args.official_eps_sq,
               precision=args.precision, layers=layers, progress=_log)
-    rows = measure_lm(model, tokens, **kw)
+    measure_fn = measure_bert if encoder else measure_lm
+    rows = measure_fn(model, tokens, **kw)
     files = [out / "analysis.json", out / "meta.json", out / "rate_reduction.png"]
     _write_json(out / "analysis.json", rows)
     init_rows = None
     if args.compare_init:
-        init_rows = measure_lm(registry.build(cfg, args.init_seed), tokens, **kw)
+        init_rows = measure_fn(registry.build(cfg, args.init_seed), tokens, **kw)
         _write_json(out / "analysis_init.json", init_rows)
         files.append(out / "analysis_init.json")
     from crate_jax.analysis import lm_measure

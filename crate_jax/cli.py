@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "coco-scenes": ("crate_jax.data.coco_scenes", None),
     "demo": ("crate_jax.clip.demo", "CLIPA in miniature on a CPU: pre-train, fine-tune, zero-shot (make demo)."),
     "demo-lm": ("crate_jax.lm.demo", "White-box language models in miniature, offline (make demo-lm)."),
+    "demo-mlm": ("crate_jax.mlm.demo", "CRATE-BERT vs BERT in miniature on Python's own English text (make demo-mlm)."),
     "demo-ssl": ("crate_jax.ssl.demo", "SimDINO and CRATE-MAE in miniature on real MNIST, offline (make demo-ssl)."),
     "demo-seg": ("crate_jax.clip.seg_demo", "Emergent segmentation in miniature: CRATE-α vs ViT, COCO AP, mIoU."),
 }

@@ -45,46 +45,18 @@ import numpy as np
 from flax import nnx
 
 from crate_jax.checkpoint import models
-from crate_jax.checkpoint.bundle import BundleError, model_from_params, params_dict
+from crate_jax.checkpoint.bundle import BundleError
 from crate_jax.checkpoint import files
 from crate_jax import errors
 from crate_jax.checkpoint.outputs import atomic_file
 from crate_jax.checkpoint.outputs import check_destination, check_output
-from crate_jax.models import ConfigError, ImageClassifier, ModelConfig, registry
+from crate_jax.models import ConfigError, ImageClassifier, registry
 from crate_jax.models.batch_apply import apply_in_batches
-from crate_jax.models.posemb import resample_2d
 from crate_jax.data.image_files import ImageFileError, is_image_path, load_for_model
 from crate_jax.predictions import TABLE_SUFFIXES
+from crate_jax.predict_io import PredictError, at_resolution, save_array, save_finite  # noqa: F401 - re-exported
 
 LAYOUTS = ("NCHW", "NHWC")
-
-
-class PredictError(ValueError):
-    """Images that do not fit the model; the message says what was expected and how to fix it."""
-
-
-def at_resolution(cfg: ModelConfig, model: ImageClassifier, image_size: int, *, interpolate: bool,
-                  source: str = "the checkpoint") -> tuple[ModelConfig, ImageClassifier]:
-    """`(cfg, model)` for `image_size` px inputs: unchanged at the trained size; otherwise, with
-    `interpolate`, the position embedding resampled on its 2-D grid (learned) or regenerated
-    (sincos2d). Without `interpolate` a different size is a `PredictError`."""
-    if image_size == cfg.image_size:
-        return cfg, model
-    if not interpolate:
-        g, new_g = cfg.grid, image_size // cfg.patch_size
-        raise PredictError(
-            f"images are {image_size}x{image_size} px but {source} was trained at "
-            f"{cfg.image_size}x{cfg.image_size} px; resize the images to {cfg.image_size} px, or pass "
-            f"--interpolate-posemb to resample the position embedding from a {g}x{g} to a {new_g}x{new_g} grid")
-    if image_size % cfg.patch_size:
-        raise PredictError(f"images are {image_size} px, not a multiple of the patch size {cfg.patch_size}; "
-                           f"crop or resize them to a multiple of {cfg.patch_size} px")
-    new_cfg = cfg.replace(image_size=image_size)
-    params = jax.tree.map(np.asarray, params_dict(model))
-    if "pos_embedding" in params:  # sincos2d tables are computed from the config's grid
-        pos = params["pos_embedding"]
-        params["pos_embedding"] = resample_2d(pos, new_cfg.grid).astype(pos.dtype)
-    return new_cfg, model_from_params(new_cfg, params)
 
 
 def load_images(path: str | os.PathLike, layout: str, channels: int) -> np.ndarray:
@@ -145,20 +117,6 @@ def predict_logits(model: ImageClassifier, images: np.ndarray, *, layout: str = 
     to_nhwc = (lambda x: x.transpose(0, 2, 3, 1)) if layout == "NCHW" else (lambda x: x)
     forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(to_nhwc(x)).astype(jax.numpy.float32))
     return apply_in_batches(lambda x: forward(state, x), images, batch_size, dtypes=[np.float32])
-
-
-def save_finite(path: str | os.PathLike, array: np.ndarray, what: str) -> None:
-    """`save_array`, refused (nothing written) when the model gave NaN or inf `what`."""
-    if not np.isfinite(array).all():
-        raise PredictError(f"the model gave NaN or inf {what}; nothing written. With a bfloat16/float16 bundle, "
-                           f"export it in float32 (export --dtype float32)")
-    save_array(path, array)
-
-
-def save_array(path: str | os.PathLike, array: np.ndarray) -> None:
-    """`np.save` to `path` atomically (a temporary sibling renamed into place), readable by others."""
-    with atomic_file(path) as f:
-        np.save(f, array)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -177,3 +177,29 @@ def test_analyze_tokens_on_crate_bert_excludes_padding(tmp_path):
     np.save(tmp_path / "bad.npy", bad)
     assert analyze.main(["--checkpoint", str(tmp_path / "b"), "--tokens", str(tmp_path / "bad.npy"), "--out",
                          str(tmp_path / "bad")]) == 2
+
+
+@pytest.mark.parametrize("fmt,model_type", [("crate-bert-hf", "crate"), ("roberta-hf", "roberta")])
+def test_hf_export_uses_the_official_layout_and_loads_back(tmp_path, fmt, model_type):
+    """`export --format hf` of a masked-LM encoder writes the official Hugging Face names (the tied decoder left
+    out, as `save_pretrained` does) with a `config.json` of that model type, and `crate_jax.load` reads it back
+    bit for bit."""
+    import json
+    import jax
+    import crate_jax
+    from crate_jax.checkpoint.bundle import params_dict
+    make = R.random_crate_bert_state_dict if fmt == "crate-bert-hf" else R.random_bert_state_dict
+    kw = dict(vocab=V, positions=P, dim=DIM, depth=DEPTH)
+    sd = make(0, **kw) if fmt == "crate-bert-hf" else make(0, flavour="roberta", mlp=MLP, **kw)
+    _save(tmp_path / "model.safetensors", {k: np.asarray(v, np.float32) for k, v in sd.items()})
+    assert convert.main(["--format", fmt, "--input", str(tmp_path / "model.safetensors"), "--output",
+                         str(tmp_path / "b"), "--heads", str(HEADS)]) == 0
+    assert export.main(["--checkpoint", str(tmp_path / "b"), "--format", "hf", "--output", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == model_type and config["hidden_size"] == DIM and config["num_hidden_layers"] == DEPTH
+    names = set(read_tensors(tmp_path / "hf" / "model.safetensors"))
+    assert names == {k for k in sd if ".decoder." not in k and not k.endswith("position_ids")}
+    _, a = crate_jax.load(tmp_path / "b")
+    _, b = crate_jax.load(tmp_path / "hf")
+    for x, y in zip(jax.tree.leaves(params_dict(a)), jax.tree.leaves(params_dict(b))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -59,7 +59,7 @@ def at_size(cfg, model, size: int | None):
     """The backbone at `size` px input (position embedding resampled when it differs from the trained size)."""
     if size is None or size == cfg.image_size:
         return cfg, model
-    from crate_jax.predict import at_resolution
+    from crate_jax.predict_io import at_resolution
 
     return at_resolution(cfg, model, size, interpolate=True, source="the bundle")
 

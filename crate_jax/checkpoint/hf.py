@@ -70,8 +70,32 @@ def tensors_and_config(cfg, params: dict, *, eot_id: int | None = None) -> tuple
         if eot_id is not None:
             config["bos_token_id"] = config["eos_token_id"] = int(eot_id)
         return tensors, config
+    official = official_bert_format(cfg)
+    if official is not None:  # the pull request's CRATE-BERT / Hugging Face BERT / RoBERTa layout
+        from crate_jax.weights import bert
+        tensors = {k: v for k, v in bert.from_params(official, params, cfg).items() if ".decoder." not in k}
+        model_type = {"crate-bert-hf": "crate", "bert-hf": "bert", "roberta-hf": "roberta"}[official]
+        head = "CrateForMaskedLM" if official == "crate-bert-hf" else \
+            ("BertForMaskedLM" if official == "bert-hf" else "RobertaForMaskedLM")
+        config = {"model_type": model_type, "architectures": [head] if cfg.mlm_head else [],
+                  "vocab_size": cfg.vocab_size, "hidden_size": cfg.width, "num_hidden_layers": cfg.depth,
+                  "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.dict_size,
+                  "max_position_embeddings": cfg.max_positions, "type_vocab_size": cfg.type_vocab_size,
+                  "layer_norm_eps": cfg.layer_norm_eps, "pad_token_id": cfg.pad_token_id, "hidden_act": "gelu",
+                  "torch_dtype": cfg.param_dtype, MODEL_TYPE: stored}
+        return tensors, config
     tensors = flat_names(params)
     return tensors, {"model_type": MODEL_TYPE, "architectures": [stored["kind"]], MODEL_TYPE: stored}
+
+
+def official_bert_format(cfg) -> str | None:
+    """The official layout a masked-LM encoder is exported in (`crate_jax.weights.bert`), or None when the
+    config holds something that layout cannot express (then the generic layout is used)."""
+    if registry.kind_of(cfg) != "bert" or not cfg.mlm_head or cfg.num_labels:
+        return None
+    from crate_jax.weights import bert
+    fmt = "crate-bert-hf" if cfg.model == "crate_bert" else ("roberta-hf" if cfg.positions == "roberta" else "bert-hf")
+    return None if bert.layout_problems(fmt, cfg) else fmt
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
@@ -124,6 +148,13 @@ def config_and_params(directory: str | os.PathLike) -> tuple[object, dict]:
             gpt.check_layout("gpt2-hf", tensors, cfg, str(directory / WEIGHTS))
             return cfg, gpt.to_params("gpt2-hf", tensors, cfg)
         return gpt.import_lm_tensors("gpt2-hf", tensors, heads=config.get("n_head"), source=str(directory / WEIGHTS))
+    official = {"crate": "crate-bert-hf", "bert": "bert-hf", "roberta": "roberta-hf"}.get(config.get("model_type"))
+    if official is not None and isinstance(stored, dict):
+        from crate_jax.weights import bert
+        cfg = registry.config_from_dict(stored["kind"], stored["config"])
+        tensors = bert.normalise_names(official, tensors)
+        bert.check_layout(official, tensors, cfg, str(directory / WEIGHTS))
+        return cfg, bert.to_params(official, tensors, cfg)
     if config.get("model_type") != MODEL_TYPE or not isinstance(stored, dict):
         raise HFError(f"{directory / CONFIG_JSON}: model_type {config.get('model_type')!r}; crate_jax reads its own "
                       f"exports (model_type {MODEL_TYPE!r}) and Hugging Face GPT-2 directories ('gpt2')")

@@ -27,7 +27,6 @@ its arguments. Re-running on the same workdir reuses the data and resumes finish
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

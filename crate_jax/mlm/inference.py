@@ -72,7 +72,7 @@ def encoder_outputs(model, tokens, mask, types, *, batch_size: int = 8) -> np.nd
 def predict_main(args, cfg: BertConfig, model) -> int:
     """`predict --tokens` on a 'bert' bundle (the module docstring); errors raise `MLMInputError`."""
     import sys
-    from crate_jax.predict import PredictError, save_finite
+    from crate_jax.predict_io import PredictError, save_finite
     try:
         if args.text is not None or args.images is not None:
             raise MLMInputError("a masked-LM encoder takes --tokens ids.npy (with --attention-mask / --token-types)")

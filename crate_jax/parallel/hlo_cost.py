@@ -180,20 +180,58 @@ def dot_flops(instr: Instr, operand_types: str | None = None) -> float:
         contract = [int(d) for d in m.group(1).split(",") if d] if m else []
         return 2.0 * n_out * math.prod(ops[0][d] for d in contract)
     if instr.opcode == "convolution" and len(ops) > 1:
-        # 2 · |output| · |kernel input features| · taps. The TPU compiler writes batched matmuls as
-        # convolutions whose window spans a batch dimension with `lhs_dilate` equal to the window size:
-        # each output then meets one tap of that dimension, not `size` of them.
-        m = re.search(r"dim_labels=\w+_(\w+)->", instr.attrs)
-        if not m or "i" not in m.group(1):
-            return 0.0
-        kernel_in = ops[1][m.group(1).index("i")]
-        size = re.search(r"size=([\dx]+)", instr.attrs)
-        dilate = re.search(r"lhs_dilate=([\dx]+)", instr.attrs)
-        sizes = [int(v) for v in size.group(1).split("x")] if size else []
-        dil = [int(v) for v in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
-        taps = math.prod(1 if d == w and w > 1 else w for w, d in zip(sizes, dil))
-        return 2.0 * n_out * kernel_in * taps
+        return _conv_flops(instr, out[0], ops[0], ops[1])
     return 0.0
+
+
+def _window(attrs: str, key: str, n: int, default: int) -> list[int]:
+    m = re.search(rf"\b{key}=([\d_x]+)", attrs)
+    if not m:
+        return [default] * n
+    return [int(v.split("_")[0]) if key != "pad" else tuple(int(u) for u in v.split("_"))
+            for v in m.group(1).split("x")]
+
+
+def _taps(out: int, size: int, stride: int, pad_lo: int, lhs_dil: int, rhs_dil: int, length: int) -> int:
+    """(output, window tap) pairs of one spatial dimension that land on a real input element (not padding,
+    not a hole of `lhs_dilate`)."""
+    dilated = (length - 1) * lhs_dil + 1
+    total = 0
+    for o in range(out):
+        start = o * stride - pad_lo
+        if rhs_dil == 1:
+            lo, hi = max(start, 0), min(start + size, dilated)  # positions in [lo, hi)
+            if hi > lo:
+                total += (hi - 1) // lhs_dil - (lo - 1) // lhs_dil if lo > 0 else (hi - 1) // lhs_dil + 1
+        else:
+            total += sum(1 for k in range(size) if 0 <= start + k * rhs_dil < dilated
+                         and (start + k * rhs_dil) % lhs_dil == 0)
+    return total
+
+
+def _conv_flops(instr: Instr, out: list[int], lhs: list[int], rhs: list[int]) -> float:
+    """`2 · batch · out features · in features (per group) · Σ real taps`: a convolution's multiply-adds,
+    counting only window taps that meet real input (the TPU compiler writes matmuls as convolutions whose
+    windows are mostly padding or dilation holes, e.g. a batch dimension as a dilated window)."""
+    m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instr.attrs)
+    if not m:
+        return 0.0
+    lhs_l, rhs_l, out_l = m.groups()
+    spatial = sorted(c for c in out_l if c.isdigit())
+    n = len(spatial)
+    sizes = _window(instr.attrs, "size", n, 1)
+    strides = _window(instr.attrs, "stride", n, 1)
+    pads = _window(instr.attrs, "pad", n, (0, 0))
+    lhs_dil = _window(instr.attrs, "lhs_dilate", n, 1)
+    rhs_dil = _window(instr.attrs, "rhs_dilate", n, 1)
+    taps = 1
+    for j, d in enumerate(spatial):
+        taps *= _taps(out[out_l.index(d)], sizes[j], strides[j], pads[j][0] if isinstance(pads[j], tuple) else 0,
+                      lhs_dil[j], rhs_dil[j], lhs[lhs_l.index(d)])
+    groups = re.search(r"batch_group_count=(\d+)", instr.attrs)
+    batch = out[out_l.index("b")]
+    return 2.0 * batch * out[out_l.index("f")] * rhs[rhs_l.index("i")] * taps / 1.0 if not groups else \
+        2.0 * batch * out[out_l.index("f")] * rhs[rhs_l.index("i")] * taps
 
 
 def source_of(stack: list[tuple[str, int, str]], op_name: str = "", depth: int = 2) -> str:
@@ -238,9 +276,25 @@ class Charge:
                 "collective-permute": self.in_bytes}.get(self.collective or "", 0.0)
 
 
-def _trip_count(instr: Instr) -> float:
+def _trip_count(instr: Instr, mod: "Module | None" = None) -> float:
+    """A `while` loop's trip count: the compiler's `known_trip_count`, else read from a condition of the form
+    `counter < N` with a constant `N` (how `lax.scan` / `fori_loop` loops from 0 by 1 compile), else 1."""
     m = re.search(r'known_trip_count=\{n=(\d+)\}|"known_trip_count":\{"n":"(\d+)"\}', instr.attrs)
-    return float(next(g for g in m.groups() if g)) if m else 1.0
+    if m:
+        return float(next(g for g in m.groups() if g))
+    cond = re.search(r"condition=%?([\w.\-]+)", instr.attrs)
+    if mod is None or not cond:
+        return 1.0
+    body = mod.comps.get(cond.group(1), [])
+    consts = {i.name: i for i in body if i.opcode == "constant"}
+    for ins in body:
+        if ins.opcode == "compare" and "direction=LT" in ins.attrs:
+            names = re.findall(r"%([\w.\-]+)", ins.operands)
+            if len(names) == 2 and names[1] in consts:
+                value = re.search(r"constant\((-?\d+)\)", f"{consts[names[1]].opcode}({consts[names[1]].operands})")
+                if value and int(value.group(1)) > 0:
+                    return float(value.group(1))
+    return 1.0
 
 
 def _group_size(instr: Instr) -> int:
@@ -256,6 +310,78 @@ def _group_size(instr: Instr) -> int:
         return len([d for d in m.group(1).split(",") if d])
     m = re.search(r"source_target_pairs=\{(.*?)\}\}", instr.attrs)
     return 2 if m else 1
+
+
+def _operand_list(mod: "Module", ins: Instr) -> list[str]:
+    """Each operand's type text, in order."""
+    table = mod.types.get(ins.computation, {})
+    parts, depth, cur = [], 0, ""
+    for ch in ins.operands:
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        cur += ch
+    parts.append(cur)
+    out = []
+    for p in parts:
+        m = re.search(r"%([\w.\-]+)\s*$", p.strip())
+        out.append(table.get(m.group(1), "") if m and not _SHAPE.search(p) else p)
+    return out
+
+
+def _io_bytes(mod: "Module", ins: Instr) -> tuple[int, int]:
+    """`(bytes read, bytes written)` of a top-level op. In-place updates count their slice, not the whole buffer:
+    a `dynamic-update-slice` reads and writes its update, a `dynamic-slice` reads what it returns; inside a
+    fusion, a parameter read only through dynamic slices counts their sizes, and a buffer updated in place by
+    a root `dynamic-update-slice` counts the update (how a `scan` reads and writes its stacked per-layer
+    arrays; XLA's cost analysis counts them so too)."""
+    operands = _operand_list(mod, ins)
+    if ins.opcode == "dynamic-update-slice" and len(operands) > 1:
+        upd = shape_bytes(operands[1])
+        return upd + shape_bytes("".join(operands[2:])), upd
+    if ins.opcode == "dynamic-slice":
+        res = shape_bytes(ins.result)
+        return res + shape_bytes("".join(operands[1:])), res
+    if ins.opcode != "fusion" or not ins.called():
+        return shape_bytes("".join(operands)), shape_bytes(ins.result)
+    body = mod.comps.get(ins.called()[0], [])
+    params = {i.name: int(re.search(r"parameter\((\d+)\)", f"parameter({i.operands})").group(1))
+              for i in body if i.opcode == "parameter"}
+    users: dict[str, list[tuple[Instr, int]]] = {n: [] for n in params}
+    for i in body:
+        for pos, name in enumerate(re.findall(r"%([\w.\-]+)", i.operands)):
+            if name in users:
+                users[name].append((i, pos))
+    root = next((i for i in body if i.attrs is not None and i is body[-1]), None)
+    roots = [root] if root is not None else []
+    if root is not None and root.opcode == "tuple":
+        names = re.findall(r"%([\w.\-]+)", root.operands)
+        roots = [i for i in body if i.name in names]
+    in_place = {}
+    for r in roots:
+        if r.opcode == "dynamic-update-slice":
+            ops = re.findall(r"%([\w.\-]+)", r.operands)
+            table = mod.types.get(r.computation, {})
+            if ops and ops[0] in params and len(ops) > 1:
+                in_place[ops[0]] = shape_bytes(table.get(ops[1], ""))
+    read = 0
+    for name, idx in params.items():
+        full = shape_bytes(operands[idx]) if idx < len(operands) else 0
+        uses = users[name]
+        if name in in_place:
+            read += in_place[name]
+        elif uses and all(u.opcode == "dynamic-slice" and pos == 0 for u, pos in uses):
+            read += min(full, sum(shape_bytes(u.result) for u, _ in uses))
+        else:
+            read += full
+    written = shape_bytes(ins.result)
+    if in_place:
+        written -= sum(shape_bytes(mod.types.get(ins.called()[0], {}).get(n, "")) for n in in_place)
+        written += sum(in_place.values())
+    return read, max(written, 0)
 
 
 def charges(hlo_text: str) -> list[Charge]:
@@ -283,13 +409,13 @@ def charges(hlo_text: str) -> list[Charge]:
             if op in FREE or op.endswith("-done"):
                 continue
             if op in ("while", "call", "conditional"):
-                n = _trip_count(ins) if op == "while" else 1.0
+                n = _trip_count(ins, mod) if op == "while" else 1.0
                 for c in ins.called():
                     if c not in seen:
                         walk(c, scale * n, seen + (comp,))
                 continue
             coll = next((c for c in COLLECTIVES if op == c or op == c + "-start"), None)
-            in_b, out_b = shape_bytes(mod.operand_types(ins)), shape_bytes(ins.result)
+            in_b, out_b = _io_bytes(mod, ins)
             if op.endswith("-start"):  # an async start's result (a tuple) repeats its operands
                 out_b = max(out_b - in_b, 0)
             flops = (dot_flops(ins, mod.operand_types(ins)) if op in ("dot", "convolution") else 0.0) + \
