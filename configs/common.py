@@ -2,6 +2,8 @@
 
 from ml_collections import ConfigDict
 
+from crate_jax.train.defaults import ENGINE_DEFAULTS
+
 
 def parse_args(arg: str, **defaults) -> ConfigDict:
     """`'variant=B/16,res=224'` -> ConfigDict, with `defaults` for the keys not given. Unknown keys fail,
@@ -21,10 +23,8 @@ def parse_args(arg: str, **defaults) -> ConfigDict:
 
 def base_config() -> ConfigDict:
     c = ConfigDict()
-    c.task = "classification"
-    c.seed = 0
+    c.update(ENGINE_DEFAULTS)  # task, seed, microbatches, log / eval / checkpoint intervals (one table)
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.microbatches = 1
     c.optim = ConfigDict(dict(name="adamw", lr=1e-3, min_lr=0.0, warmup_steps=0, b1=0.9, b2=0.999,
                               mu_dtype=None, wd=0.0, wd_mask=r".*kernel", clip=0.0, freeze=[]))
     c.loss = ConfigDict(dict(label_smoothing=0.0, on_value=None, off_value=None,
@@ -32,10 +32,4 @@ def base_config() -> ConfigDict:
                                                    switch_prob=0.5))))
     c.init = ConfigDict(dict(checkpoint=None, dont_load=r"head/.*", posemb_resample="2d"))
     c.evals = ConfigDict()  # name -> dict(type=..., every=..., ...): crate_jax.train.evaluation
-    c.log_every = 100
-    c.eval_every = 0
-    c.checkpoint_every = 1000
-    c.keep_checkpoints = 3
-    c.keep_period = None
-    c.async_checkpoints = True
     return c

@@ -60,14 +60,17 @@ def resolve_path(path: str) -> Path:
     p = Path(path).expanduser()
     if p.is_file():
         return p.resolve()
-    looked = [str(Path.cwd() / p) if not p.is_absolute() else str(p)]
+    looked = [str((Path.cwd() / p).resolve()) if not p.is_absolute() else str(p)]
     if not p.is_absolute() and len(p.parts) > 1 and p.parts[0] == BUNDLED_PREFIX:
         bundled = bundled_dir().joinpath(*p.parts[1:])
         if bundled.is_file():
             return bundled
-        looked.append(str(bundled))
-    raise ConfigError(f"--config {path}: no such file (looked for {' and '.join(looked)}); the bundled configs "
-                      f"are {bundled_names()}")
+        if str(bundled.resolve()) not in looked:  # in a checkout run from its root, the two are one path
+            looked.append(str(bundled))
+    names = bundled_names()
+    hint = did_you_mean(f"{BUNDLED_PREFIX}/{p.name}", names) if len(p.parts) > 1 else ""
+    raise ConfigError(f"--config {path}: no such file (looked for {' and '.join(looked)}){hint}; the bundled "
+                      f"configs are {names}")
 
 
 def load(spec: str) -> ConfigDict:
@@ -143,6 +146,13 @@ def parse_value(text: str, current, key: str):
     return text
 
 
+def did_you_mean(name: str, choices) -> str:
+    """`" (did you mean 'x'?)"` for the closest of `choices`, or `""`."""
+    import difflib
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def set_value(config: ConfigDict, key: str, text: str) -> None:
     """Applies `--config.KEY=TEXT` (see the module docstring)."""
     parts = key.split(".")
@@ -152,7 +162,8 @@ def set_value(config: ConfigDict, key: str, text: str) -> None:
     for i, part in enumerate(parts[:-1]):
         if part not in node or node[part] is None:
             if i == 0 and part not in ENGINE_KEYS:
-                raise ConfigError(f"--config.{key}: unknown key {part!r}; this config has {sorted(config.keys())}")
+                raise ConfigError(f"--config.{key}: unknown key {part!r}{did_you_mean(part, list(config.keys()) + list(ENGINE_KEYS))}; "
+                                  f"this config has {sorted(config.keys())}")
             with node.ignore_type():
                 node[part] = ConfigDict()
         node = node[part]
@@ -160,7 +171,8 @@ def set_value(config: ConfigDict, key: str, text: str) -> None:
             raise ConfigError(f"--config.{'.'.join(parts[:i + 1])} is a value, not a section")
     last = parts[-1]
     if len(parts) == 1 and last not in config and last not in ENGINE_KEYS:
-        raise ConfigError(f"--config.{key}: unknown key; this config has {sorted(config.keys())} (the engine also "
+        raise ConfigError(f"--config.{key}: unknown key{did_you_mean(last, list(config.keys()) + list(ENGINE_KEYS))}; "
+                          f"this config has {sorted(config.keys())} (the engine also "
                           f"reads {sorted(set(ENGINE_KEYS) - set(config.keys()))})")
     current = node.get(last, None) if last in node else None
     value = parse_value(text, current, key)

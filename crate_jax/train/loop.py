@@ -36,6 +36,7 @@ from crate_jax.checkpoint.training import TrainCheckpointer, as_path
 from crate_jax.models.config import ConfigError
 from crate_jax.parallel import mesh as mesh_lib
 from crate_jax.train import metrics as M
+from crate_jax.train.defaults import engine_value
 from crate_jax.train.evaluation import EvalState, due, global_batch
 from crate_jax.train.resume import (DataStateCheck, config_changes, refuse_changed_stream,
                                     write_run_metadata)
@@ -105,9 +106,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *, command: str 
             raise DataError(f"the training data cannot be opened: {e}") from e
         try:
             refuse_changed_stream(workdir, config, _holds_steps(workdir / "checkpoints"))
-            ckpt = TrainCheckpointer(workdir / "checkpoints", keep=config.get("keep_checkpoints", 3),
+            ckpt = TrainCheckpointer(workdir / "checkpoints", keep=engine_value(config, "keep_checkpoints"),
                                      keep_period=config.get("keep_period", None),
-                                     async_save=config.get("async_checkpoints", True))
+                                     async_save=engine_value(config, "async_checkpoints"))
             try:
                 return _train(setup, workdir, ckpt, train_it)
             finally:
@@ -144,7 +145,7 @@ def _train(setup: Setup, workdir, ckpt: TrainCheckpointer, train_it) -> dict:
     peak = M.measure_matmul_peak() * jax.device_count()
     flops_per_example = task.flops_per_example()
     tokens_per_example = task.tokens_per_example()
-    log_every, ckpt_every = int(config.get("log_every", 50)), int(config.get("checkpoint_every", 1000))
+    log_every, ckpt_every = int(engine_value(config, "log_every")), int(engine_value(config, "checkpoint_every"))
     last: dict = {}
     pending = None  # (step, metrics) of the previous step, checked one step late to keep the device busy
 

@@ -20,6 +20,7 @@ from crate_jax.models.act_sharding import activation_mesh
 from crate_jax.models.config import ConfigError
 from crate_jax.parallel import sharding as sh
 from crate_jax.train import registry
+from crate_jax.train.defaults import engine_value
 from crate_jax.train.optim import build_optimizer
 from crate_jax.train.step import make_train_step
 from crate_jax.train.validate import check_batch, validate_config
@@ -28,7 +29,7 @@ from crate_jax.train.validate import check_batch, validate_config
 def make_task(config: ConfigDict):
     """The task `config.task` names (see `crate_jax.train.registry`), built from the config."""
     validate_config(config)
-    return registry.task_class(config.get("task", "classification"))(config)
+    return registry.task_class(engine_value(config, "task"))(config)
 
 
 def opt_state_shardings(tx, abstract_params, param_sh, mesh):
@@ -92,7 +93,7 @@ class Setup:
         self.batch_shapes = {k: jax.ShapeDtypeStruct((self.global_batch_size,) + tuple(v.shape), v.dtype,
                                                      sharding=self.batch_sh[k]) for k, v in spec.items()}
         step_fn = make_train_step(self.graphdef, task, self.tx, self.lr_fn, seed=config.seed,
-                                  microbatches=config.get("microbatches", 1))
+                                  microbatches=engine_value(config, "microbatches"))
 
         def step_on_mesh(state, batch):  # activations batch-sharded between blocks (models/act_sharding.py)
             with activation_mesh(mesh):

@@ -77,7 +77,11 @@ def need_regex(config: ConfigDict, key: str, value, *, what: str = "a regular ex
 def known_keys(section, name: str, keys) -> None:
     unknown = sorted(set(section.keys()) - set(keys)) if isinstance(section, (ConfigDict, dict)) else []
     if unknown:
-        raise ConfigError(f"config.{name}: unknown keys {unknown}; known keys are {sorted(keys)}")
+        import difflib
+        hints = [f"{u!r} -> {m[0]!r}" for u in unknown for m in [difflib.get_close_matches(u, list(keys), n=1)] if m]
+        raise ConfigError(f"config.{name}: unknown keys {unknown}"
+                          + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                          + f"; known keys are {sorted(keys)}")
 
 
 _MISSING = object()
