@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (created; an earlier analysis there is replaced "
                    "once the new one is complete; a folder of other files is refused)")
     p.add_argument("--max-images", type=int, default=None, help="measure at most this many images")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images or sequences per forward pass")
     p.add_argument("--layers", default=None, help="comma-separated layer indices for analysis.json (default all)")
     p.add_argument("--paper-eps", type=float, default=measure.PAPER_EPS, help="ε of the paper-form rates")
     p.add_argument("--official-eps-sq", type=float, default=measure.OFFICIAL_EPS_SQ,
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the Gram / Cholesky rate computation (the forward pass keeps the model's dtype)")
     p.add_argument("--compare-init", action="store_true",
                    help="also measure the same architecture at initialisation (dashed curves, analysis_init.json)")
-    p.add_argument("--init-seed", type=int, default=0)
+    p.add_argument("--init-seed", type=int, default=0, help="seed of the randomly initialised copy (--compare-init)")
     p.add_argument("--max-plots", type=int, default=8, help="per-image pictures for the first N images (0: none)")
     p.add_argument("--attention-layer", type=int, default=-1, help="layer of the attention maps and features")
     p.add_argument("--cut-feature", choices=("mssa", "out"), default="mssa",

@@ -62,10 +62,10 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m crate_jax.info", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=sorted(VARIANTS), default="crate_alpha")
-    ap.add_argument("--variant", default="B/16")
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--num-classes", type=int, default=1000)
+    ap.add_argument("--model", choices=sorted(VARIANTS), default="crate_alpha", help="model family")
+    ap.add_argument("--variant", default="B/16", help="size name, e.g. B/16, L/14")
+    ap.add_argument("--image-size", type=int, default=224, help="input resolution in pixels")
+    ap.add_argument("--num-classes", type=int, default=1000, help="classifier outputs")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--table", action="store_true", help="the whole zoo, as the paper's config table")
     ap.add_argument("--no-xla", action="store_true", help="skip XLA cost analysis (analytic FLOPs only)")

@@ -136,7 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--token-types", help=".npy int array [B, T] of token types (masked-LM encoders; default 0)")
     ap.add_argument("--output", required=True, help=".npy: the float32 logits [B, classes]; .json / .csv: the top-k "
                                                     "table (class names and probabilities)")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass (the last batch is padded)")
     ap.add_argument("--interpolate-posemb", action="store_true",
                     help="accept another resolution by resampling the position embedding")
     return ap.parse_args(argv)

@@ -44,15 +44,15 @@ def parse_args(argv=None):
     head, _, rest = __doc__.partition("\n\n")
     ap = argparse.ArgumentParser(prog="python -m crate_jax.reconstruct", description=head, epilog=rest,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--images", required=True)
+    ap.add_argument("--checkpoint", required=True, help="CRATE-MAE bundle or training workdir")
+    ap.add_argument("--images", required=True, help="image folder, image file, .npy array or a bundled sample set")
     ap.add_argument("--out", required=True, help="output directory (an earlier one of this command is replaced once "
                     "the new one is complete; a folder of other files is refused)")
-    ap.add_argument("--max-images", type=int, default=8)
-    ap.add_argument("--mask-ratio", type=float, default=None)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-images", type=int, default=8, help="reconstruct at most this many images")
+    ap.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches removed (default: the model's)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random patch masks")
     ap.add_argument("--mask", default=None, help=".npy bool [M, L], True = removed (instead of random masks)")
-    ap.add_argument("--scale", type=int, default=1)
+    ap.add_argument("--scale", type=int, default=1, help="enlarge the picture by this integer factor")
     return ap.parse_args(argv)
 
 

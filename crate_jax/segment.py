@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--layer", type=int, default=layer, help=layer_help)
         q.add_argument("--size", type=int, default=None,
                        help="model input size in px (default the bundle's; others resample the position embedding)")
-        q.add_argument("--max-images", type=int, default=None)
-        q.add_argument("--batch-size", type=int, default=16)
+        q.add_argument("--max-images", type=int, default=None, help="use at most this many images")
+        q.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
 
     q = sub.add_parser("maskcut", help="MaskCut masks as COCO results JSON")
     model_args(q, -1, "layer of the features (default the last; the papers use 11 of 12)")
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("score", help="class-agnostic COCO AP / AR through pycocotools")
     q.add_argument("--annotations", required=True, help="COCO instances.json")
     q.add_argument("--predictions", required=True, help="COCO results JSON")
-    q.add_argument("--iou-type", choices=("segm", "bbox", "both"), default="both")
+    q.add_argument("--iou-type", choices=("segm", "bbox", "both"), default="both", help="score masks (segm), boxes (bbox) or both")
 
     q = sub.add_parser("attention", help="mIoU of thresholded [CLS] attention against VOC-style masks")
     model_args(q, -2, "layer of the attention (default the penultimate)")

@@ -81,10 +81,10 @@ def export_bundle(workdir: Path, out: Path) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m crate_jax.clip.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", required=True, help="where data, runs and the bundle go")
-    ap.add_argument("--train-samples", type=int, default=10_000)
-    ap.add_argument("--pretrain-steps", type=int, default=2_500)
-    ap.add_argument("--finetune-steps", type=int, default=500)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--train-samples", type=int, default=10_000, help="synthetic captioned training images")
+    ap.add_argument("--pretrain-steps", type=int, default=2_500, help="steps at 32 px")
+    ap.add_argument("--finetune-steps", type=int, default=500, help="steps at 64 px")
+    ap.add_argument("--batch", type=int, default=32, help="global batch size")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     ap.add_argument("--posemb", choices=["1d", "2d"], default="2d",
                     help="position-embedding resampling for fine-tuning")

@@ -101,13 +101,13 @@ def summarize(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m crate_jax.clip.seg_demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--train-samples", type=int, default=3_000)
-    ap.add_argument("--pretrain-steps", type=int, default=300)
-    ap.add_argument("--finetune-steps", type=int, default=100)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--workdir", required=True, help="where runs, scenes and the table go")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated image towers")
+    ap.add_argument("--train-samples", type=int, default=3_000, help="synthetic captioned training images")
+    ap.add_argument("--pretrain-steps", type=int, default=300, help="steps at 32 px")
+    ap.add_argument("--finetune-steps", type=int, default=100, help="steps at 64 px")
+    ap.add_argument("--batch", type=int, default=32, help="global batch size")
     ap.add_argument("--eval-images", type=int, default=60, help="held-out multi-object scenes")
     args = ap.parse_args(argv)
     from crate_jax import errors

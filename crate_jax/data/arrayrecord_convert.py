@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--shards", required=True, action="append",
                    help="shard pattern, e.g. 'shards/{00000..01023}.tar' (may repeat)")
     p.add_argument("--out", required=True, help="output dataset directory (opened with builder_from_directory)")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="name of the split written")
     p.add_argument("--verify-images", "--verify_images", dest="verify_images", action="store_true", help="decode every image, drop unreadable ones")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier dataset in --out (swapped in only once the new one is complete)")

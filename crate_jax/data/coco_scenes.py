@@ -139,12 +139,12 @@ def write(out_dir: str | os.PathLike, *, num_images: int = 50, image_size: int =
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--images", type=int, default=50)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-objects", type=int, default=4)
-    p.add_argument("--max-clutter", type=int, default=2)
+    p.add_argument("--out", required=True, help="output directory (instances.json, images/, masks/)")
+    p.add_argument("--images", type=int, default=50, help="number of scenes")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the drawing")
+    p.add_argument("--max-objects", type=int, default=4, help="most objects per scene")
+    p.add_argument("--max-clutter", type=int, default=2, help="most distractor shapes per scene")
     a = p.parse_args(argv)
     data = write(a.out, num_images=a.images, image_size=a.image_size, seed=a.seed, max_objects=a.max_objects,
                  max_clutter=a.max_clutter)

@@ -134,11 +134,11 @@ def table(rows: list[tuple[str, str, dict]]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m crate_jax.ssl.demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", default="runs/ssl_demo")
+    ap.add_argument("--workdir", default="runs/ssl_demo", help="where runs, bundles and the table go")
     ap.add_argument("--docs", default=None, help="also copy the two pictures here (the README's)")
-    ap.add_argument("--simdino-steps", type=int, default=300)
-    ap.add_argument("--mae-steps", type=int, default=600)
-    ap.add_argument("--supervised-steps", type=int, default=200)
+    ap.add_argument("--simdino-steps", type=int, default=300, help="SimDINO steps")
+    ap.add_argument("--mae-steps", type=int, default=600, help="CRATE-MAE steps")
+    ap.add_argument("--supervised-steps", type=int, default=200, help="steps of the supervised baselines")
     args = ap.parse_args(argv)
     wd = Path(args.workdir)
     wd.mkdir(parents=True, exist_ok=True)
