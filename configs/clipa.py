@@ -38,7 +38,7 @@ eval_shards, imagenet_dir, crop_min (smallest inception-crop area in %, CLIPA: 4
 (last | cls | eos), pad_mask, temperature (initial logit scale exp(t); 0: 1/0.07, or 10 for
 sigmoid), synth (a directory written by `crate_jax.data.synth_scenes`: its
 train shards, vocab, and zero-shot / retrieval evals on its held-out shards), posemb (1d | 2d).
-The demo (`python -m crate_jax.clip.demo`) runs this file with small values of these.
+The demo (`python -m crate_jax.demos.clipa`) runs this file with small values of these.
 """
 
 import json

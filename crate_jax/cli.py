@@ -39,11 +39,11 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "arrayrecord-convert": ("crate_jax.data.arrayrecord_convert", None),
     "synth-scenes": ("crate_jax.data.synth_scenes", None),
     "coco-scenes": ("crate_jax.data.coco_scenes", None),
-    "demo": ("crate_jax.clip.demo", "CLIPA in miniature on a CPU: pre-train, fine-tune, zero-shot (make demo)."),
-    "demo-lm": ("crate_jax.lm.demo", "White-box language models in miniature, offline (make demo-lm)."),
-    "demo-mlm": ("crate_jax.mlm.demo", "CRATE-BERT vs BERT in miniature on Python's own English text (make demo-mlm)."),
-    "demo-ssl": ("crate_jax.ssl.demo", "SimDINO and CRATE-MAE in miniature on real MNIST, offline (make demo-ssl)."),
-    "demo-seg": ("crate_jax.clip.seg_demo", "Emergent segmentation in miniature: CRATE-α vs ViT, COCO AP, mIoU."),
+    "demo": ("crate_jax.demos.clipa", "CLIPA in miniature on a CPU: pre-train, fine-tune, zero-shot (make demo)."),
+    "demo-lm": ("crate_jax.demos.lm", "White-box language models in miniature, offline (make demo-lm)."),
+    "demo-mlm": ("crate_jax.demos.mlm", "CRATE-BERT vs BERT in miniature on Python's own English text (make demo-mlm)."),
+    "demo-ssl": ("crate_jax.demos.ssl", "SimDINO and CRATE-MAE in miniature on real MNIST, offline (make demo-ssl)."),
+    "demo-seg": ("crate_jax.demos.segmentation", "Emergent segmentation in miniature: CRATE-α vs ViT, COCO AP, mIoU."),
 }
 
 

@@ -52,6 +52,25 @@ def test_nothing_imports_a_top_level_configs():
     assert not offenders
 
 
+def test_the_library_never_imports_the_demos():
+    """The demos live in `crate_jax/demos/` and use the library; no library module imports them (the console
+    command names them by module path only)."""
+    import ast
+    offenders = []
+    for f in (REPO / "crate_jax").rglob("*.py"):
+        if "demos" in f.relative_to(REPO / "crate_jax").parts:
+            continue
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) and node.module
+                     else [])
+            if any(n.startswith("crate_jax.demos") for n in names):
+                offenders.append(f"{f.relative_to(REPO)}:{node.lineno}")
+    assert not offenders
+    assert sorted(p.stem for p in (REPO / "crate_jax" / "demos").glob("*.py")) == \
+        ["__init__", "clipa", "lm", "mlm", "segmentation", "ssl"]
+
+
 def test_config_paths_prefer_the_working_directory(tmp_path, monkeypatch):
     from crate_jax.models.config import ConfigError
     from crate_jax.train import config_cli

@@ -30,7 +30,7 @@ Output (``generate`` / ``python -m crate_jax.data.synth_scenes --out DIR``)::
 The text side is not built here (the data layer does not tokenise): train the WordPiece vocab the
 configs expect at ``DIR/vocab.txt`` (``classes.json`` names it) from ``captions.txt`` with
 ``python -m crate_jax.text.tokenizer --corpus DIR/captions.txt --out DIR/vocab.txt --size 500``
-(``VOCAB_SIZE``), as ``main`` prints and ``crate_jax.clip.demo`` does.
+(``VOCAB_SIZE``), as ``main`` prints and ``crate_jax.demos.clipa`` does.
 
 Everything is a pure function of the seed: shard ``i`` of a split depends only on
 (seed, split, i), so the same command writes byte-identical shards.

@@ -1,7 +1,7 @@
 """White-box language models in miniature, offline: CRATE-GPT, the CRATE-α LM and GPT-2 at the same width
 on real English text that ships with Python, held-out loss side by side, and a generated sample.
 
-    python -m crate_jax.lm.demo --workdir runs/lm_demo [--steps 400] [--width 96] [--depth 3]
+    python -m crate_jax.demos.lm --workdir runs/lm_demo [--steps 400] [--width 96] [--depth 3]
 
 1. The corpus is the standard library's `pydoc_data/topics.py` (the text of `help('TOPIC')`, ~465k
    characters of English prose with some code). Each topic is cut at paragraph breaks into documents of
@@ -85,11 +85,11 @@ def export(model: str, workdir: Path) -> Path:
     from crate_jax.checkpoint.outputs import check_output
     check_output(workdir / "bundles" / model, workdirs=(workdir / model,))
     return models.bundle_from(workdir / model, workdir / "bundles" / model, overwrite=True,
-                              label=f"crate_jax.lm.demo:{model}")[2]
+                              label=f"crate_jax.demos.lm:{model}")[2]
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.lm.demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m crate_jax.demos.lm", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="runs/lm_demo", help="where runs, bundles and the table go")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated models to train")
     ap.add_argument("--steps", type=int, default=400, help="training steps per model")

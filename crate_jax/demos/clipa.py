@@ -1,7 +1,7 @@
 """CLIPA in miniature on a CPU: token-reduced pre-training, fine-tuning at a higher resolution,
 zero-shot evaluation on held-out compositions, and a params-only bundle at the end.
 
-    python -m crate_jax.clip.demo --workdir runs/clip_demo
+    python -m crate_jax.demos.clipa --workdir runs/clip_demo
 
 1. Writes synthetic captioned scenes as webdataset shards (`crate_jax.data.synth_scenes`): one
    coloured shape per 64 px image, 12 classes (4 colours × 3 shapes); per class three (size,
@@ -75,11 +75,11 @@ def export_bundle(workdir: Path, out: Path) -> Path:
     from crate_jax.checkpoint import models
     from crate_jax.checkpoint.outputs import check_output
     check_output(out, workdirs=(workdir,))
-    return models.bundle_from(workdir, out, overwrite=True, label=f"crate_jax.clip.demo:{workdir.name}")[2]
+    return models.bundle_from(workdir, out, overwrite=True, label=f"crate_jax.demos.clipa:{workdir.name}")[2]
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.clip.demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m crate_jax.demos.clipa", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", required=True, help="where data, runs and the bundle go")
     ap.add_argument("--train-samples", type=int, default=10_000, help="synthetic captioned training images")
     ap.add_argument("--pretrain-steps", type=int, default=2_500, help="steps at 32 px")

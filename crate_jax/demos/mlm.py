@@ -1,12 +1,12 @@
 """CRATE-BERT vs BERT in miniature, offline: masked-LM pretraining on the English text that ships with Python, then
 fine-tuning both on a small classification task built from the same text, over several seeds.
 
-    python -m crate_jax.mlm.demo --workdir runs/mlm_demo [--seeds 0,1,2] [--steps 300] [--width 96] [--depth 3]
+    python -m crate_jax.demos.mlm --workdir runs/mlm_demo [--seeds 0,1,2] [--steps 300] [--width 96] [--depth 3]
 
 About 20 minutes on two CPU cores.
 
 1. Corpus and tokens: the standard library's `pydoc_data/topics.py`, cut into ~2,000-character documents, 10 % held
-   out, a byte-level BPE of 1,024 entries trained on the train documents (`crate_jax.lm.demo`, the LM demo's data).
+   out, a byte-level BPE of 1,024 entries trained on the train documents (`crate_jax.demos.lm`, the LM demo's data).
 2. Pretraining: `configs/mlm.py` shrunk (width 96, depth 3, 4 heads, rows of 64 tokens, batch 32, 300 steps, lr
    2e-3, 15 % dynamic masking, float32, dropout 0), CRATE-BERT and BERT with the same embeddings and MLM head.
    Held-out masked-token loss and accuracy over every held-out row (fixed masks).
@@ -36,7 +36,7 @@ NAMES = {"crate_bert": "CRATE-BERT", "bert": "BERT"}
 def word_order_task(workdir: Path, seed: int = 0) -> Path:
     """`train.jsonl` / `validation.jsonl` of `{sentence, label}` (module docstring, step 3)."""
     from crate_jax.data.text_prepare import split_of
-    from crate_jax.lm.demo import corpus_documents
+    from crate_jax.demos.lm import corpus_documents
     out = workdir / "word_order"
     if (out / "validation.jsonl").is_file():
         return out
@@ -86,7 +86,7 @@ def finetune(init: Path, seed: int, data: Path, task: Path, workdir: Path, a) ->
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.mlm.demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m crate_jax.demos.mlm", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="runs/mlm_demo", help="where runs, bundles and the table go")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     ap.add_argument("--steps", type=int, default=300, help="masked-LM pre-training steps")
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",") if s]
     t0 = time.perf_counter()
-    from crate_jax.lm.demo import prepare_data
+    from crate_jax.demos.lm import prepare_data
     workdir = Path(a.workdir)
     data = prepare_data(workdir, a.vocab)
     task = word_order_task(workdir)

@@ -2,10 +2,10 @@
 the same size trained by the same recipe, scored by MaskCut COCO AP and by thresholded-attention mIoU on
 held-out synthetic scenes with several objects, over several seeds.
 
-    python -m crate_jax.clip.seg_demo --workdir runs/seg_demo [--seeds 0,1,2]
+    python -m crate_jax.demos.segmentation --workdir runs/seg_demo [--seeds 0,1,2]
 
 1. The CLIPA demo's data (`crate_jax.data.synth_scenes`: one shape per 64 px image with a caption) and its
-   two stages (`crate_jax.clip.demo.stage_args`: pre-training at 32 px, fine-tuning at 64 px, 8 px patches,
+   two stages (`crate_jax.demos.clipa.stage_args`: pre-training at 32 px, fine-tuning at 64 px, 8 px patches,
    width 64, depth 2), once with `model=crate_alpha` and once with `model=vit`, per seed (`config.seed`:
    initialisation and data order; the data itself is the same for all runs).
 2. Held-out segmentation scenes in COCO format (`crate_jax.data.coco_scenes`: 2-4 shapes per 64 px image,
@@ -37,7 +37,7 @@ def _clipa():
 
 
 def train_stage(arg: str, workdir: Path, seed: int, evals: dict | None = None) -> dict:
-    from crate_jax.clip.demo import final_eval
+    from crate_jax.demos.clipa import final_eval
     from crate_jax.train.loop import train_and_evaluate
 
     config = _clipa().get_config(arg)
@@ -68,7 +68,7 @@ def make_data(root: Path, train_samples: int, eval_images: int) -> tuple[Path, P
 
 
 def run_one(root: Path, data: Path, scenes: Path, model: str, seed: int, args) -> dict:
-    from crate_jax.clip.demo import stage_args
+    from crate_jax.demos.clipa import stage_args
 
     run = root / f"{model}_seed{seed}"
     pre = stage_args(data, stage="pretrain", steps=args.pretrain_steps, batch=args.batch, lr=3e-3,
@@ -100,7 +100,7 @@ def summarize(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.clip.seg_demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m crate_jax.demos.segmentation", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", required=True, help="where runs, scenes and the table go")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated image towers")
