@@ -14,7 +14,7 @@ import pytest
 import reference_np as R
 from crate_jax import convert, predict
 from crate_jax.weights import importer
-from crate_jax.checkpoint.bundle import load_bundle
+from crate_jax.checkpoint.bundle import load_bundle, model_from_params as bundle_model_from_params
 
 DIM, DEPTH, HEADS, PATCH, SIZE, CLASSES = 32, 2, 4, 8, 32, 10
 TOL = 1e-5
@@ -56,7 +56,7 @@ def alpha_jax(seed=0, posemb="learn", bias=True):
 
 def ours_logits(fmt, tensors, x_nchw, **overrides):
     cfg, params = importer.import_tensors(fmt, tensors, **overrides)
-    model = predict.model_from_params(cfg, params)
+    model = bundle_model_from_params(cfg, params)
     return predict.predict_logits(model, x_nchw, layout="NCHW")
 
 
