@@ -37,6 +37,7 @@ from crate_jax.checkpoint import describe, hf
 from crate_jax.checkpoint.bundle import (MODEL_JSON, PARAMS_DIR, BundleError, load_bundle, load_config,
                                          model_from_params, params_dict, save_bundle)
 from crate_jax.checkpoint.params import ParamsError, read_params
+from crate_jax.weights.layout_check import is_float
 from crate_jax.models import registry
 
 PARAMS = ("student", "teacher")
@@ -315,7 +316,7 @@ def bundle_from(source: str | os.PathLike, output: str | os.PathLike, *, step: i
     cfg, model = load(source, step, params=params, backbone=backbone)
     tree = jax.tree.map(np.asarray, params_dict(model))
     if dtype:
-        tree = jax.tree.map(lambda a: a.astype(dtype) if _is_float(a) else a, tree)
+        tree = jax.tree.map(lambda a: a.astype(dtype) if is_float(a) else a, tree)
         cfg = registry.with_dtype(cfg, dtype)
     info = described(source)
     card = dict(info["card"])
@@ -331,9 +332,4 @@ def bundle_from(source: str | os.PathLike, output: str | os.PathLike, *, step: i
                 tokenizer=info["tokenizer"], overwrite=overwrite, keep_old=keep_old,
                 source=str(source) if label is None else label)
     return cfg, tree, Path(out)
-
-
-def _is_float(a) -> bool:
-    import ml_dtypes
-    return np.issubdtype(a.dtype, np.floating) or a.dtype == ml_dtypes.bfloat16
 

@@ -16,7 +16,7 @@ from ml_collections import ConfigDict
 
 from crate_jax.lm.task import LMTask, next_token_nll
 from crate_jax.models.config import ConfigError
-from crate_jax.train.evaluation import global_batch, jit_on_model, schedule_of
+from crate_jax.train.evaluation import jit_on_model, schedule_of, summed_over
 
 
 def nll_sums(model, batch) -> dict:
@@ -60,11 +60,7 @@ class LMLossEvaluator:
         it = eval_batches(self.task.dataset, self.split, block=self.task.model_cfg.block_size,
                           batch_size=self.batch_size // jax.process_count(), max_windows=self.max_windows,
                           process_index=jax.process_index(), process_count=jax.process_count())
-        total = None
-        for batch in it:
-            s = self._fn(state.params, state.buffers, global_batch(batch, self.mesh))
-            total = s if total is None else jax.tree.map(jnp.add, total, s)
-        total = jax.device_get(total)
+        total = summed_over(self._fn, state, it, self.mesh)
         n = max(float(total["tokens"]), 1.0)
         loss = float(total["nll"]) / n
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": float(total["tokens"])}

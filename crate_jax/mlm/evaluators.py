@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 
 from crate_jax.mlm.task import MLMTask, masked_nll
 from crate_jax.models.config import ConfigError
-from crate_jax.train.evaluation import global_batch, jit_on_model, schedule_of
+from crate_jax.train.evaluation import jit_on_model, schedule_of, summed_over
 
 
 def mlm_sums(model, batch) -> dict:
@@ -60,11 +60,7 @@ class MLMLossEvaluator:
                           batch_size=self.batch_size // jax.process_count(), masking=self.task.masking,
                           max_rows=self.max_rows, seed=self.seed, process_index=jax.process_index(),
                           process_count=jax.process_count())
-        total = None
-        for batch in it:
-            s = self._fn(state.params, state.buffers, global_batch(batch, self.mesh))
-            total = s if total is None else jax.tree.map(jnp.add, total, s)
-        total = jax.device_get(total)
+        total = summed_over(self._fn, state, it, self.mesh)
         n = max(float(total["tokens"]), 1.0)
         return {"loss": float(total["nll"]) / n, "accuracy": float(total["correct"]) / n,
                 "tokens": float(total["tokens"])}

@@ -57,6 +57,16 @@ def jit_on_model(graphdef, fn):
     return jax.jit(lambda params, buffers, *args: fn(nnx.merge(graphdef, params, buffers or {}), *args))
 
 
+def summed_over(fn, state, batches, mesh: Mesh) -> dict:
+    """The per-batch sums `fn(params, buffers, global batch)` (a jitted `jit_on_model`) added up over `batches`
+    (per-process numpy batches), on the host; None when there is no batch."""
+    total = None
+    for batch in batches:
+        s = fn(state.params, state.buffers, global_batch(batch, mesh))
+        total = s if total is None else jax.tree.map(jax.numpy.add, total, s)
+    return None if total is None else jax.device_get(total)
+
+
 def global_batch(local: dict, mesh: Mesh) -> dict:
     """Per-process numpy batch -> one global jax.Array per key, batch axis over (data, fsdp)."""
     return {k: jax.make_array_from_process_local_data(sh.batch_sharding(mesh, np.ndim(v)), np.asarray(v))

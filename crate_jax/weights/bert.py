@@ -42,6 +42,7 @@ import numpy as np
 from crate_jax.models.bert import BERT_VARIANTS, BertConfig, bert_config
 from crate_jax.models.config import ConfigError
 from crate_jax.weights.layouts import flatten_tree
+from crate_jax.weights.layout_check import raise_on_mismatch
 from crate_jax.weights.readers import WeightsError, read_tensors
 
 FORMATS = {"crate-bert-hf": "crate_bert", "bert-hf": "bert", "roberta-hf": "bert"}
@@ -209,41 +210,13 @@ def _tied(fmt: str) -> dict[str, str]:
 
 def check_layout(fmt: str, tensors: Mapping[str, np.ndarray], cfg: BertConfig, source: str = "weights") -> None:
     """One `WeightsError` listing every missing, unexpected, mis-shaped and non-float tensor, and an untied decoder."""
-    expected = expected_shapes(fmt, cfg)
     tied = _tied(fmt) if cfg.mlm_head else {}
-    missing = [(k, s) for k, s in expected.items() if k not in tensors]
-    unexpected = [(k, tuple(np.shape(v))) for k, v in tensors.items()
-                  if k not in expected and k not in tied and not _IGNORED.match(k)]
-    misshaped = [(k, s, tuple(np.shape(tensors[k]))) for k, s in expected.items()
-                 if k in tensors and tuple(np.shape(tensors[k])) != s]
-    not_float = [(k, np.asarray(tensors[k]).dtype) for k in expected if k in tensors and not _is_float(tensors[k])]
     untied = [f"{k} differs from {src}: the decoder is tied to it, so an untied decoder cannot be imported"
               for k, src in tied.items() if k in tensors and src in tensors
               and (np.shape(tensors[k]) != np.shape(tensors[src]) or not np.array_equal(tensors[k], tensors[src]))]
-    if not (missing or unexpected or misshaped or not_float or untied):
-        return
-    lines = [f"{source} does not match the {fmt} layout of {describe(cfg)}:"]
-    for title, items, row in (("missing", missing, lambda r: f"{r[0]}  expected {r[1]}"),
-                              ("unexpected", unexpected, lambda r: f"{r[0]}  got {r[1]}"),
-                              ("mis-shaped", misshaped, lambda r: f"{r[0]}  expected {r[1]}, got {r[2]}"),
-                              ("not floating point", not_float, lambda r: f"{r[0]}  dtype {r[1]}")):
-        if items:
-            lines.append(f"  {title} ({len(items)}):")
-            lines += [f"    {row(r)}" for r in sorted(items, key=_natural)]
-    lines += [f"  {u}" for u in untied]
-    if missing and unexpected:
-        lines.append("hint: missing and unexpected names together usually mean the wrong --format "
-                     "(crate-bert-hf / bert-hf / roberta-hf) or a file of another model")
-    raise WeightsError("\n".join(lines))
-
-
-def _is_float(a) -> bool:
-    dt = np.asarray(a).dtype if not hasattr(a, "dtype") else a.dtype
-    return np.issubdtype(dt, np.floating) or dt.name == "bfloat16"
-
-
-def _natural(item):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", item[0])]
+    raise_on_mismatch(tensors, expected_shapes(fmt, cfg), ignore=lambda k: k in tied or bool(_IGNORED.match(k)),
+                      notes=untied, header=f"{source} does not match the {fmt} layout of {describe(cfg)}:",
+                      hint="crate-bert-hf / bert-hf / roberta-hf")
 
 
 def describe(cfg: BertConfig) -> str:

@@ -38,6 +38,7 @@ import numpy as np
 from crate_jax.models.config import ConfigError
 from crate_jax.models.lm import LM_VARIANTS, LMConfig, lm_config
 from crate_jax.weights.layouts import flatten_tree
+from crate_jax.weights.layout_check import raise_on_mismatch
 from crate_jax.weights.readers import WeightsError, read_tensors
 
 LM_FORMATS = {"crate-gpt-torch": "crate_gpt", "gpt2-hf": "gpt2"}
@@ -177,15 +178,7 @@ def infer_config(fmt: str, tensors: Mapping[str, np.ndarray], heads: int | None 
 
 def check_layout(fmt: str, tensors: Mapping[str, np.ndarray], cfg: LMConfig, source: str = "weights") -> None:
     """One `WeightsError` listing every missing, unexpected, mis-shaped and non-float tensor, and an untied head."""
-    expected = expected_shapes(fmt, cfg)
     buffers = _BUFFERS[fmt]
-    ignored = {k for k in tensors if _LAYER.match(k) and k.split(".", 3)[3] in buffers}
-    missing = [(k, s) for k, s in expected.items() if k not in tensors]
-    unexpected = [(k, tuple(np.shape(v))) for k, v in tensors.items()
-                  if k not in expected and k not in ignored and k != "lm_head.weight"]
-    misshaped = [(k, s, tuple(np.shape(tensors[k]))) for k, s in expected.items()
-                 if k in tensors and tuple(np.shape(tensors[k])) != s]
-    not_float = [(k, np.asarray(tensors[k]).dtype) for k in expected if k in tensors and not _is_float(tensors[k])]
     head = []
     wte = tensors.get("transformer.wte.weight")
     if "lm_head.weight" in tensors and wte is not None:
@@ -193,31 +186,10 @@ def check_layout(fmt: str, tensors: Mapping[str, np.ndarray], cfg: LMConfig, sou
         if lm.shape != np.shape(wte) or not np.array_equal(lm, np.asarray(wte)):
             head.append(f"lm_head.weight {lm.shape} differs from transformer.wte.weight {np.shape(wte)}: the models "
                         f"tie the head to the token embedding, so an untied head cannot be imported")
-    if not (missing or unexpected or misshaped or not_float or head):
-        return
-    lines = [f"{source} does not match the {fmt} layout of {describe(cfg)}:"]
-    for title, items, fmt_row in (
-            ("missing", missing, lambda r: f"{r[0]}  expected {r[1]}"),
-            ("unexpected", unexpected, lambda r: f"{r[0]}  got {r[1]}"),
-            ("mis-shaped", misshaped, lambda r: f"{r[0]}  expected {r[1]}, got {r[2]}"),
-            ("not floating point", not_float, lambda r: f"{r[0]}  dtype {r[1]}")):
-        if items:
-            lines.append(f"  {title} ({len(items)}):")
-            lines += [f"    {fmt_row(r)}" for r in sorted(items, key=_natural)]
-    lines += [f"  {h}" for h in head]
-    if missing and unexpected:
-        lines.append("hint: missing and unexpected names together usually mean the wrong --format "
-                     "(crate-gpt-torch vs gpt2-hf) or a file of another model")
-    raise WeightsError("\n".join(lines))
-
-
-def _is_float(a) -> bool:
-    dt = np.asarray(a).dtype if not hasattr(a, "dtype") else a.dtype
-    return np.issubdtype(dt, np.floating) or dt.name == "bfloat16"
-
-
-def _natural(item):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", item[0])]
+    raise_on_mismatch(tensors, expected_shapes(fmt, cfg),
+                      ignore=lambda k: k == "lm_head.weight" or bool(_LAYER.match(k) and k.split(".", 3)[3] in buffers),
+                      notes=head, header=f"{source} does not match the {fmt} layout of {describe(cfg)}:",
+                      hint="crate-gpt-torch vs gpt2-hf")
 
 
 def describe(cfg: LMConfig) -> str:
