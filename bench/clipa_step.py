@@ -32,7 +32,7 @@ def build(args, res: int):
     """The compiled step at `res`, as `(run_one_step, info)`."""
     from crate_jax.configs import clipa
     from crate_jax.parallel.mesh import make_mesh
-    from crate_jax.train.evaluation import global_batch
+    from crate_jax.parallel.sharding import global_batch
     from crate_jax.train.setup import Setup
 
     # The task checks its data config at start-up: a shard pattern (never opened: the batch is random) and a
@@ -99,19 +99,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", default="B/16", help="image variant, e.g. L/14")
     ap.add_argument("--text", default="B", help="text variant (mu, Ti, S, B, L, H)")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--txt-len", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=256, help="global batch size")
+    ap.add_argument("--txt-len", type=int, default=32, help="caption length in tokens")
     ap.add_argument("--res", default="84,224", help="comma-separated resolutions; the first is the baseline")
-    ap.add_argument("--width", type=int, default=0)
-    ap.add_argument("--depth", type=int, default=0)
-    ap.add_argument("--heads", type=int, default=0)
-    ap.add_argument("--out-dim", type=int, default=0)
-    ap.add_argument("--vocab-size", type=int, default=32_000)
+    ap.add_argument("--width", type=int, default=0, help="image and text width override (0: the variant's)")
+    ap.add_argument("--depth", type=int, default=0, help="depth override of both towers (0: the variant's)")
+    ap.add_argument("--heads", type=int, default=0, help="attention heads override (0: the variant's)")
+    ap.add_argument("--out-dim", type=int, default=0, help="embedding dimension override (0: the recipe's)")
+    ap.add_argument("--vocab-size", type=int, default=32_000, help="text vocabulary size")
     ap.add_argument("--dtype", default="", help="compute dtype override (float32, bfloat16)")
-    ap.add_argument("--mesh", choices=["data", "fsdp"], default="data")
+    ap.add_argument("--mesh", choices=["data", "fsdp"], default="data",
+                    help="shard the batch only (data) or also the state (fsdp)")
     ap.add_argument("--train-text", action="store_true", help="train the text tower too (default: frozen, as CLIPA)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per resolution after compiling")
+    ap.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each resolution per round)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
     results = measure(args, [build(args, int(r)) for r in args.res.split(",")])

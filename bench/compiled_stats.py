@@ -114,11 +114,12 @@ def _official_alpha(repo: str, variant: str, res: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="crate_alpha", choices=["crate_alpha", "crate", "vit"])
-    ap.add_argument("--variant", default="B/16")
-    ap.add_argument("--res", type=int, default=224)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--what", default="grad", choices=["grad", "fwd"])
+    ap.add_argument("--model", default="crate_alpha", choices=["crate_alpha", "crate", "vit"], help="model family")
+    ap.add_argument("--variant", default="B/16", help="size name, e.g. B/16, T/16")
+    ap.add_argument("--res", type=int, default=224, help="image resolution in pixels")
+    ap.add_argument("--batch", type=int, default=8, help="batch size")
+    ap.add_argument("--what", default="grad", choices=["grad", "fwd"],
+                    help="compile the gradient of the loss or the forward pass only")
     ap.add_argument("--scan", action="store_true", help="our model with scan over layers")
     ap.add_argument("--port", action="store_true", help="also the plain port (bench/crate_port.py, crate_alpha_port.py)")
     ap.add_argument("--official-alpha", metavar="CHECKOUT", help="also the official JAX CRATE-α at this checkout")

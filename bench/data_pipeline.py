@@ -25,8 +25,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from crate_jax.data import augment, loader
 from crate_jax.data.decode import decode_image
+from crate_jax.data.images import augment, loader
 
 _WIDTH, _HEIGHT = 500, 375
 

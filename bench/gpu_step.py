@@ -53,7 +53,7 @@ class _Cfg(dict):
 
 
 class _Task:
-    """The classification loss of `crate_jax.train.classification` on already-normalised images."""
+    """The classification loss of `crate_jax.classify.task` on already-normalised images."""
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
@@ -112,8 +112,8 @@ def run_case(name: str, steps: int, warmup: int, peak_measured: float) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {sorted(CASES)}")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per case")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per case after compiling")
     ap.add_argument("--out", help="directory for gpu_step.jsonl")
     args = ap.parse_args(argv)
     dev = jax.devices()[0]

@@ -4,14 +4,14 @@
 
 Writes shards of photo-like JPEGs (multi-octave smooth noise, so they compress like real photos
 rather than like flat synthetic shapes) with random captions, converts them with
-``crate_jax.data.arrayrecord_convert``, and measures, on this machine:
+``crate_jax.data.image_text.arrayrecord_convert``, and measures, on this machine:
 
 * read only: tar shards read sequentially vs ArrayRecord random access (random index order, what
   grain does) and ArrayRecord sequential access; encoded bytes only, no decoding;
 * full pipeline per core (one decode thread, no prefetch): read + decode + CLIPA inception crop to
   ``out_size`` + tokenise, through ``shard_train.make_train_iterator`` and
   ``tfds_captions.make_train_iterator``, with and without JPEG draft decoding;
-* the same on the synthetic scenes of ``crate_jax.data.synth_scenes`` (64 px sources).
+* the same on the synthetic scenes of ``crate_jax.data.image_text.synth_scenes`` (64 px sources).
 
 Numbers are samples per second (median of ``--repeats`` runs) on a shared, noisy machine.
 """
@@ -31,7 +31,8 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")  # HF tokenizers: one thread, fo
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from crate_jax.data import arrayrecord_convert, shard_patterns, shard_train, synth_scenes, tfds_captions  # noqa: E402
+from crate_jax.data import shard_patterns  # noqa: E402
+from crate_jax.data.image_text import arrayrecord_convert, shard_train, synth_scenes, tfds_captions  # noqa: E402
 from crate_jax.data.tar_reader import iter_shard  # noqa: E402
 from crate_jax.data.tar_writer import write_shard  # noqa: E402
 from crate_jax.text.tokenizer import Tokenizer, build_vocab  # noqa: E402
@@ -110,12 +111,12 @@ def pipeline(make, n_batches: int, batch: int, repeats: int) -> tuple[float, flo
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--samples", type=int, default=1000)
-    p.add_argument("--per-shard", type=int, default=125)
+    p.add_argument("--samples", type=int, default=1000, help="image-caption pairs written")
+    p.add_argument("--per-shard", type=int, default=125, help="pairs per tar shard")
     p.add_argument("--source-size", type=int, default=384, help="short side of the source JPEGs")
-    p.add_argument("--out-size", type=int, default=84)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out-size", type=int, default=84, help="side of the crops the pipeline produces")
+    p.add_argument("--batch", type=int, default=64, help="batch size of the full pipeline")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each measurement (the median is reported)")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args()
     results: dict[str, tuple[float, float]] = {}

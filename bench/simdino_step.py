@@ -63,10 +63,10 @@ def ours_from_official(sd: dict, cfg) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--official", required=True, help="a SimDINO checkout (git clone https://github.com/RobinWu218/SimDINO)")
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--n-local", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=4, help="training steps of both sides")
+    ap.add_argument("--batch", type=int, default=8, help="images per step")
+    ap.add_argument("--n-local", type=int, default=2, help="local crops per image (besides the 2 global ones)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights, images and crops")
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (the official lr · batch / 256)")
     ap.add_argument("--ours-default", action="store_true",
                     help="control: our default ViT (tanh GELU, antialiased table resampling) and schedule grid")

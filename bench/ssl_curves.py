@@ -34,11 +34,11 @@ def config(method: str, steps: int, seed: int, prototypes: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--methods", default="simdino,dino")
-    ap.add_argument("--steps", default="300")
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--prototypes", type=int, default=1024)
+    ap.add_argument("--workdir", required=True, help="root of the runs and of curves.json")
+    ap.add_argument("--methods", default="simdino,dino", help="comma-separated, from simdino, dino")
+    ap.add_argument("--steps", default="300", help="comma-separated step budgets (0, the random init, is always added)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds")
+    ap.add_argument("--prototypes", type=int, default=1024, help="DINO's prototype count (--methods dino)")
     args = ap.parse_args(argv)
     from crate_jax.demos import ssl as demo
     wd = Path(args.workdir)

@@ -2,7 +2,7 @@
 
     pip install 'libtpu==0.0.42.*'      # the `aot` extra
     python bench/tpu_roofline.py --config configs/imagenet21k.py:variant=L/14 --topology v5p-128
-    python bench/tpu_roofline.py --config configs/clipa.py:variant=L/14,stage=pretrain,shards=unused.tar,vocab=VOCAB.txt,init=unused \
+    python bench/tpu_roofline.py --config configs/clipa.py:variant=L/14,stage=pretrain,shards=unused.tar,vocab=VOCAB.txt,init=unused \\
         --topology v5p-128      # the CLIPA task checks these keys; nothing is read (VOCAB.txt: any vocab file)
 
 The real sharded train step is compiled for the slice's chips as `crate_jax.aot` does; the TPU
@@ -42,25 +42,25 @@ def _unroll(model_cfg) -> list[str]:
 
 
 def main(argv=None) -> int:
+    from crate_jax.train import config_cli
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/imagenet21k.py:variant=L/14")
-    ap.add_argument("--topology", default="v5p-128")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    config_cli.add_config_arguments(ap, required=False, default="configs/imagenet21k.py:variant=L/14",
+                                    help="the config to compile, FILE.py[:ARGS] (default %(default)s)")
+    ap.add_argument("--topology", default="v5p-128", help="TPU slice to compile for (default %(default)s)")
     ap.add_argument("--breakdown", action="store_true", help="print the top ops by bytes / FLOPs and the collectives")
-    args = ap.parse_args(argv)
+    args, overrides = config_cli.parse_args(ap, list(sys.argv[1:] if argv is None else argv))
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from crate_jax import aot
     from crate_jax.parallel import hlo_cost
     from crate_jax.parallel.mesh import make_mesh
-    from crate_jax.train import config_cli
     from crate_jax.train.setup import Setup
     target = aot.parse_topology(args.topology)
-    config = config_cli.load_with_overrides(args.config, [f"--config.{kv}" for kv in args.set])
+    config = config_cli.config_from_args(args, overrides)
     config = aot.offline_config(config)
     unrolled = _unroll(config.model)
     if config.get("microbatches", 1) > 1:
         raise SystemExit("microbatches > 1 loops inside the step, which XLA's cost analysis counts once; "
-                         "estimate with --set microbatches=1 and scale")
+                         "estimate with --config.microbatches=1 and scale")
     if config.get("init") is not None and config.init.get("checkpoint"):
         config.init.checkpoint = "(not loaded: compile only)"
     devices = aot.tpu_devices(target)

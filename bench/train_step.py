@@ -24,7 +24,7 @@ from crate_jax.train.metrics import measure_matmul_peak
 def config(model: str, variant: str, res: int, batch: int, dtype: str, remat: str):
     from crate_jax.configs.common import base_config
     from ml_collections import ConfigDict
-    from crate_jax.data import loader
+    from crate_jax.data.images import loader
     c = base_config()
     c.data = loader.default_data_config()  # never opened: num_classes and total_steps are set
     c.res = res
@@ -60,13 +60,13 @@ def time_step(model: str, variant: str, res: int, batch: int, dtype: str, remat:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", default="Ti/16")
-    ap.add_argument("--res", type=int, default=224)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--remat", default="none")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--models", default="crate_alpha,vit")
+    ap.add_argument("--variant", default="Ti/16", help="size name, e.g. Ti/16, B/16")
+    ap.add_argument("--res", type=int, default=224, help="image resolution in pixels")
+    ap.add_argument("--batch", type=int, default=32, help="global batch size")
+    ap.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16)")
+    ap.add_argument("--remat", default="none", help="config.model.remat (none: no rematerialisation)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    ap.add_argument("--models", default="crate_alpha,vit", help="comma-separated families (crate_alpha, crate, vit)")
     args = ap.parse_args(argv)
     peak = measure_matmul_peak(2048 if jax.default_backend() == "cpu" else 8192) * jax.device_count()
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), {jax.device_count()} devices; "

@@ -36,7 +36,7 @@ init, model (crate_alpha | crate | vit), text (mu | Ti | S | B | L | H), text_mo
 (image tower size overrides, 0 = the variant's), out_dim, mask_ratio, loss (softmax | sigmoid),
 eval_shards, imagenet_dir, crop_min (smallest inception-crop area in %, CLIPA: 40), text_pool
 (last | cls | eos), pad_mask, temperature (initial logit scale exp(t); 0: 1/0.07, or 10 for
-sigmoid), synth (a directory written by `crate_jax.data.synth_scenes`: its
+sigmoid), synth (a directory written by `crate_jax.data.image_text.synth_scenes`: its
 train shards, vocab, and zero-shot / retrieval evals on its held-out shards), posemb (1d | 2d).
 The demo (`python -m crate_jax.demos.clipa`) runs this file with small values of these.
 """
@@ -109,13 +109,13 @@ def get_config(arg: str = ""):
         info_path = os.path.join(a.synth, "classes.json")
         if not os.path.isfile(info_path):
             raise ValueError(f"synth={a.synth}: {info_path} not found; generate the scenes first with "
-                             f"python -m crate_jax.data.synth_scenes --out {a.synth}")
+                             f"python -m crate_jax.data.image_text.synth_scenes --out {a.synth}")
         with open(info_path, encoding="utf-8") as f:
             info = json.load(f)
         c.data.shards = c.data.shards or os.path.join(a.synth, info["train_pattern"])
         c.data.vocab = c.data.vocab or os.path.join(a.synth, info["vocab"])
         if not os.path.isfile(c.data.vocab):
-            from crate_jax.data.synth_scenes import vocab_command
+            from crate_jax.data.image_text.synth_scenes import vocab_command
             raise ValueError(f"synth={a.synth}: vocab {c.data.vocab} not found; the scene generator writes only "
                              f"the captions: train the vocab on them first with {vocab_command(a.synth)}")
         with open(c.data.vocab, encoding="utf-8") as f:

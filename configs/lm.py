@@ -28,7 +28,7 @@ Models (`model=`), with `variant=` from `crate_jax.models.lm.LM_VARIANTS`:
 
 Commands (data first, once; the GPT-2 tokenizer is its `vocab.json` + `merges.txt`, from disk):
 
-    python -m crate_jax.data.text_prepare --input 'openwebtext/plain_text/*.parquet' --tokenizer gpt2/ \\
+    python -m crate_jax.data.tokens.prepare --input 'openwebtext/plain_text/*.parquet' --tokenizer gpt2/ \\
         --output $DATA/owt
     # one GPU node (8 × A100/H100), nanoGPT's batch split: 5 microbatches of 96 = 12 sequences per GPU
     python -m crate_jax.train --config configs/lm.py:model=crate_gpt,data=$DATA/owt,micro=5 --workdir runs/crate_gpt

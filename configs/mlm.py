@@ -18,7 +18,7 @@ The defaults are RoBERTa's large-batch recipe, which the CRATE-BERT comparison f
 
 Commands (data first, once, with RoBERTa's `vocab.json` + `merges.txt` from disk, or `--train-tokenizer N`):
 
-    python -m crate_jax.data.text_prepare --input 'corpus/*.jsonl' --tokenizer roberta-base/ --output $DATA/mlm
+    python -m crate_jax.data.tokens.prepare --input 'corpus/*.jsonl' --tokenizer roberta-base/ --output $DATA/mlm
     # one GPU node (8 × H100): 8,192 rows as 8 microbatches of 1,024
     python -m crate_jax.train --config configs/mlm.py:model=crate_bert,data=$DATA/mlm,micro=8 --workdir runs/crate_bert
     python -m crate_jax.train --config configs/mlm.py:model=bert,data=$DATA/mlm,micro=8 --workdir runs/bert

@@ -6,7 +6,7 @@ ViT-B/16 command `--local_crops_number 10 --eps 0.05 --coeff 1`, 8 GPUs × 64 im
 
 * 2 global crops at 224 px (area 40–100 %) and 10 local crops at 96 px (area 5–40 %), flip, colour
   jitter (p 0.8: 0.4/0.4/0.2/0.1), grayscale (p 0.2), blur (p 1.0 / 0.1 / 0.5), solarise (p 0.2, second
-  global view) — `crate_jax.data.multicrop`;
+  global view) — `crate_jax.data.images.multicrop`;
 * DINO head 2048 → 2048 → 256, L2-normalised, no prototypes, no centring;
 * loss `−cos − γ·R` with the coding rate over the **global** batch, ε² = 0.05 (the official `--eps`),
   γ = (p + M)/(p M), expansion on the mean of student and teacher global views (`expa_type=1`);

@@ -10,7 +10,7 @@ SOURCE is a folder of images, an `.npy` array `[M, H, W, 3]` (uint8, or float in
 sample set (`skimage`, `skimage-objects`: photos shipped with scikit-image, so it works offline).
 
 Language models (CRATE-GPT, CRATE-α LM, GPT-2): `--tokens FILE.npy` instead of `--images`, an int array
-`[M, T]` of sequences (or a 1-D token stream, e.g. a shard of `crate_jax.data.text_prepare`, cut into
+`[M, T]` of sequences (or a 1-D token stream, e.g. a shard of `crate_jax.data.tokens.prepare`, cut into
 blocks); `--max-images` caps the sequences. The same per-layer measurements, on token positions
 (`crate_jax.analysis.lm_measure`); analysis.json, meta.json and rate_reduction.png are written.
 
@@ -41,6 +41,7 @@ import numpy as np
 
 from crate_jax.analysis import measure, plots, samples, segmentation
 from crate_jax.analysis.samples import ImageSourceError
+from crate_jax.cli import tool_parser
 
 PER_IMAGE_FILES = ("attention.png", "pca.png", "threshold.png", "maskcut.png", "masks.npz")
 
@@ -64,9 +65,7 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    head, _, rest = __doc__.partition("\n\n")
-    p = argparse.ArgumentParser(prog="python -m crate_jax.analyze", description=head, epilog=rest,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser("crate_jax.analyze", __doc__)
     p.add_argument("--checkpoint", required=True, help="bundle directory (model.json + params/)")
     p.add_argument("--images",
                    help=f"folder of images, .npy array, or sample set ({', '.join(sorted(samples.SAMPLE_SETS))})")

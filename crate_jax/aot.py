@@ -20,6 +20,7 @@ sets it (or from `--num-classes N`), and a config without `total_steps` is compi
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import dataclasses
@@ -120,6 +121,7 @@ class AotReport:
     compiler_error: str | None = None  # the TPU compiler's out-of-memory message
     breakdown: str | None = None  # hlo_cost's per-op / per-source text, with --breakdown
     loops: tuple[str, ...] = ()  # loops in the step (e.g. "microbatches=4"), which XLA's cost analysis counts once
+    roofline: object | None = None  # hlo_cost.Roofline of the compiled step (with a chip generation to bound on)
 
     @property
     def total(self) -> int:
@@ -218,9 +220,10 @@ def breakdown_text(compiled, generation: str | None) -> str:
 
 
 def compile_report(config, devices, *, target: str, backend: str, estimate: bool, hbm_bytes: int,
-                   breakdown: bool = False, generation: str | None = None) -> AotReport:
+                   breakdown: bool = False, generation: str | None = None, roofline: str | None = None) -> AotReport:
     """Builds the mesh from `config.mesh` over `devices`, compiles `Setup(config, mesh)`'s train step and
-    measures it. `config` must already be data-free (see `offline_config`)."""
+    measures it. `config` must already be data-free (see `offline_config`). `roofline`: a chip generation to
+    bound the step on (`AotReport.roofline`, from the compiled program's per-op costs, loops counted)."""
     from crate_jax.parallel.mesh import make_mesh
     from crate_jax.train.setup import Setup
 
@@ -228,7 +231,7 @@ def compile_report(config, devices, *, target: str, backend: str, estimate: bool
     mesh = make_mesh(sizes, devices=devices)
     from crate_jax.models import ConfigError
     from crate_jax.parallel.mesh import MeshError
-    from crate_jax.train.classification import ClassCountUnavailable
+    from crate_jax.classify.task import ClassCountUnavailable
     try:
         setup = Setup(config, mesh)  # the task takes the class count from config.model.num_classes
     except ClassCountUnavailable as e:
@@ -268,7 +271,68 @@ def compile_report(config, devices, *, target: str, backend: str, estimate: bool
     return AotReport(**common, arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
                      aliased=mem.alias_size_in_bytes, temporaries=mem.temp_size_in_bytes,
                      code=mem.generated_code_size_in_bytes, flops_per_device=_flops(compiled), compile_s=compile_s,
-                     breakdown=breakdown_text(compiled, generation) if breakdown else None)
+                     breakdown=breakdown_text(compiled, generation) if breakdown else None,
+                     roofline=_roofline(compiled, roofline) if roofline else None)
+
+
+def _roofline(compiled, generation: str):
+    from crate_jax.parallel import hlo_cost
+    b = hlo_cost.Breakdown.of(compiled)
+    return hlo_cost.Roofline(b.flops, b.bytes, b.wire_bytes, generation)
+
+
+def _remat_keys(node, prefix: str = "model") -> list[str]:
+    """Every `remat` key of the config's model (a two-tower config has one per tower); `model.remat` when the
+    model section names none (the block option's default)."""
+    keys = []
+    for k in list(node.keys()):
+        if k == "remat":
+            keys.append(f"{prefix}.remat")
+        elif hasattr(node[k], "keys"):
+            keys += _remat_keys(node[k], f"{prefix}.{k}")
+    return keys or ([f"{prefix}.remat"] if prefix == "model" else [])
+
+
+def plan(config, topology: str, *, simulate: bool = False, tensors=(1,), hybrids=(8,), remats=None, log=print) -> list:
+    """`--plan`: compiles the candidate layouts of `config` for the slice (`crate_jax.parallel.plan`) and returns
+    their `Measured`, ranked: fitting first, fastest roofline bound first."""
+    from crate_jax.errors import ConfigError
+    from crate_jax.parallel import hlo_cost, plan as P
+    from crate_jax.parallel.mesh import MeshError
+    target = parse_topology(topology)
+    config = offline_config(config)
+    devices = simulated_devices(target.chips) if simulate else tpu_devices(target)
+    backend = (f"simulated {target.chips}-device CPU mesh" if simulate
+               else f"TPU {target.generation} {target.topology} (libtpu, compile-only)")
+    remat_keys = _remat_keys(config.model)
+    peak = hlo_cost.CHIPS[target.generation][0]
+
+    def compile_one(layout):
+        c = copy.deepcopy(config)
+        with c.unlocked():
+            for key, value in layout.overrides(remat_keys).items():
+                node = c
+                parts = key.split(".")
+                for part in parts[:-1]:
+                    node = node[part]
+                node[parts[-1]] = value
+        try:
+            r = compile_report(c, devices, target=target.name, backend=backend, estimate=simulate,
+                               hbm_bytes=target.hbm_bytes, roofline=target.generation)
+        except (ConfigError, MeshError) as e:
+            return P.Measured(layout, hbm_bytes=target.hbm_bytes, error=f"config: {e}")
+        m = P.Measured(layout, total_bytes=r.total, hbm_bytes=r.hbm_bytes, compile_s=r.compile_s,
+                       error=r.compiler_error)
+        if r.roofline is not None:
+            m.bound_s, m.binding = r.roofline.bound_s, r.roofline.binding
+            if r.analytic_flops:
+                m.mfu = r.analytic_flops / len(devices) / peak / m.bound_s
+        return m
+
+    log(f"plan for {target.name} ({target.chips} chips, {backend}), global batch {config.batch_size}: "
+        f"compiling each mesh split with the cheapest remat that fits")
+    splits = P.splits(target.chips, int(config.batch_size), tensors=tensors, hybrids=hybrids)
+    return P.search(compile_one, splits, remats=remats or P.REMAT_ORDER, global_batch=int(config.batch_size), log=log)
 
 
 def aot_report(config, topology: str, *, simulate: bool = False, breakdown: bool = False) -> AotReport:
@@ -287,69 +351,85 @@ def aot_report(config, topology: str, *, simulate: bool = False, breakdown: bool
                           generation=None if simulate else target.generation)
 
 
-def _split_argv(argv: list[str]) -> tuple[dict, list[str]]:
-    """Pulls `--topology X`, `--num-classes N` and `--simulate` out; the rest goes to the config flags."""
-    opts, rest, i = {"simulate": False, "breakdown": False}, [], 0
-    while i < len(argv):
-        a = argv[i]
-        key = a.split("=", 1)[0]
-        if a in ("--simulate", "--breakdown"):
-            opts[a[2:]] = True
-        elif key in ("--topology", "--num-classes"):
-            if "=" in a:
-                opts[key[2:]] = a.split("=", 1)[1]
-            elif i + 1 < len(argv):
-                opts[key[2:]] = argv[i + 1]
-                i += 1
-        else:
-            rest.append(a)
-        i += 1
-    return opts, rest
+def _slice_name(text: str) -> str:
+    """`--topology`'s check: a slice name `parse_topology` knows (else argparse's usage error, exit 2)."""
+    try:
+        parse_topology(text)
+    except SliceError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
-USAGE = ("usage: python -m crate_jax.aot --config configs/FILE.py:ARGS [--config.KEY=VALUE ...] "
-         "--topology v5p-128 [--simulate] [--breakdown] [--num-classes N]")
+def _parser() -> argparse.ArgumentParser:
+    from crate_jax.cli import tool_parser
+    from crate_jax.train import config_cli
+    p = tool_parser("crate_jax.aot", __doc__, allow_abbrev=False)
+    config_cli.add_config_arguments(p)
+    p.add_argument("--topology", required=True, type=_slice_name, metavar="SLICE",
+                   help="the TPU slice to compile for: v5p-128, v5e-16, v6e-64, v4-8, ... or a libtpu topology "
+                        "such as v5p:4x4x8")
+    p.add_argument("--simulate", action="store_true",
+                   help="compile for a CPU mesh of as many devices instead (an estimate; no libtpu needed)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also print where the step's bytes, FLOPs and collectives go, and its roofline bound")
+    p.add_argument("--plan", action="store_true",
+                   help="compile the candidate layouts (data / fsdp / tensor splits, remat, microbatches) for the "
+                        "slice, drop those that do not fit and rank the rest by their roofline bound")
+    p.add_argument("--plan-tensor", default="1", metavar="T[,T...]",
+                   help="with --plan: tensor-parallel widths to try (default 1)")
+    p.add_argument("--plan-fsdp", default="8", metavar="F[,F...]",
+                   help="with --plan: the FSDP group sizes of the data x fsdp splits tried besides pure data "
+                        "parallelism and pure FSDP (default 8)")
+    p.add_argument("--plan-json", metavar="FILE", help="with --plan: also write the ranked plan as JSON")
+    p.add_argument("--num-classes", type=int, metavar="N",
+                   help="the class count, for a config without config.model.num_classes (no data is read)")
+    return p
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if {"-h", "--help"} & set(argv):
-        print(__doc__.strip() + "\n\n" + USAGE)
-        return 0
-    opts, rest = _split_argv(argv)
-    topology, simulate = opts.get("topology"), opts["simulate"]
-    if topology is None:
-        print(USAGE, file=sys.stderr)
-        return 2
-    try:
-        target = parse_topology(topology)
-    except SliceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from crate_jax.train import config_cli
+    args, overrides = config_cli.parse_args(_parser(), list(sys.argv[1:] if argv is None else argv))
+    target = parse_topology(args.topology)
     # Before jax starts: the CPU device count for --simulate, and no attempt to open a TPU either way.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    if simulate:
+    if args.simulate:
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={target.chips}".strip()
 
     from crate_jax.models import ConfigError
     from crate_jax.parallel.mesh import MeshError
-    from crate_jax.train import config_cli
     try:
-        overrides, rest = config_cli.split_overrides(rest)
-        spec, rest = config_cli.take_option(rest, "config")
-        if spec is None or rest:
-            print(USAGE if spec is None else f"error: unknown arguments {rest}\n{USAGE}", file=sys.stderr)
-            return 2
-        config = config_cli.load_with_overrides(spec, overrides)
-        if opts.get("num-classes"):
-            config_cli.set_value(config, "model.num_classes", opts["num-classes"])
-        report = aot_report(config, topology, simulate=simulate, breakdown=opts["breakdown"])
+        config = config_cli.config_from_args(args, overrides)
+        if args.num_classes is not None:
+            config_cli.set_value(config, "model.num_classes", str(args.num_classes))
+        if args.plan:
+            return _print_plan(config, args)
+        report = aot_report(config, args.topology, simulate=args.simulate, breakdown=args.breakdown)
     except (ConfigError, MeshError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     print(report.text(), flush=True)
     return 0 if report.fits else 1
+
+
+def _print_plan(config, args) -> int:
+    import json
+    from crate_jax.parallel import plan as P
+    tensors = [int(t) for t in args.plan_tensor.split(",") if t.strip()]
+    hybrids = [int(f) for f in args.plan_fsdp.split(",") if f.strip()]
+    results = plan(config, args.topology, simulate=args.simulate, tensors=tensors, hybrids=hybrids,
+                   log=lambda s: print("  " + s, flush=True))
+    print(P.table(results), flush=True)
+    best = next((m for m in results if m.fits), None)
+    print(f"best: {best.layout.name}" if best else "no candidate fits: raise the slice size or lower the batch")
+    if args.plan_json:
+        rows = [dict(dataclasses.asdict(m.layout), name=m.layout.name, fits=m.fits, total_bytes=m.total_bytes,
+                     hbm_bytes=m.hbm_bytes, bound_s=m.bound_s, binding=m.binding, mfu=m.mfu, compile_s=m.compile_s,
+                     error=m.error) for m in results]
+        from crate_jax.checkpoint.outputs import atomic_output_file
+        with atomic_output_file(args.plan_json, "w", overwrite=True) as f:
+            f.write(json.dumps({"topology": args.topology, "config": args.config, "plan": rows}, indent=1))
+    return 0 if best else 1
 
 
 if __name__ == "__main__":

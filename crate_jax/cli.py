@@ -7,6 +7,7 @@ does (both stay available); `crate-jax COMMAND --help` prints that tool's help. 
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import importlib
@@ -33,18 +34,42 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "segment": ("crate_jax.segment", "Emergent segmentation, measured: MaskCut, COCO AP, attention mIoU."),
     "generate": ("crate_jax.generate", None),
     "ssl-bundles": ("crate_jax.ssl.bundles", "Bundles of self-supervised runs: SimDINO student / teacher, CRATE-MAE."),
-    "text-prepare": ("crate_jax.data.text_prepare", None),
+    "text-prepare": ("crate_jax.data.tokens.prepare", None),
     "tokenizer": ("crate_jax.text.tokenizer", "Write a BERT-layout WordPiece vocab.txt from a caption file."),
     "bpe": ("crate_jax.text.bpe", "Train a byte-level BPE tokenizer (GPT-2's kind) on local UTF-8 text files."),
-    "arrayrecord-convert": ("crate_jax.data.arrayrecord_convert", None),
-    "synth-scenes": ("crate_jax.data.synth_scenes", None),
-    "coco-scenes": ("crate_jax.data.coco_scenes", None),
+    "arrayrecord-convert": ("crate_jax.data.image_text.arrayrecord_convert", None),
+    "synth-scenes": ("crate_jax.data.image_text.synth_scenes", None),
+    "coco-scenes": ("crate_jax.data.images.coco_scenes", None),
     "demo": ("crate_jax.demos.clipa", "CLIPA in miniature on a CPU: pre-train, fine-tune, zero-shot (make demo)."),
     "demo-lm": ("crate_jax.demos.lm", "White-box language models in miniature, offline (make demo-lm)."),
     "demo-mlm": ("crate_jax.demos.mlm", "CRATE-BERT vs BERT in miniature on Python's own English text (make demo-mlm)."),
     "demo-ssl": ("crate_jax.demos.ssl", "SimDINO and CRATE-MAE in miniature on real MNIST, offline (make demo-ssl)."),
     "demo-seg": ("crate_jax.demos.segmentation", "Emergent segmentation in miniature: CRATE-α vs ViT, COCO AP, mIoU."),
 }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Texts of several lines (a docstring's paragraphs, usage examples) as written; one-line texts (a
+    group's description) wrapped to the terminal, as argparse wraps every option's help."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return super()._fill_text(text, width, indent)
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+
+def tool_parser(module: str, doc: str | None, **kwargs) -> argparse.ArgumentParser:
+    """The one parser layout of every tool: `usage:` with the program as it was started (`crate-jax COMMAND`
+    under this command, else `python -m MODULE`), the first paragraph of `doc` (the tool's docstring), the
+    options, each with its help, then the rest of `doc` as written. Every tool also lists `--debug`, which
+    `crate_jax.errors.run` takes out of the arguments before the tool parses them."""
+    head, _, rest = (doc or "").strip().partition("\n\n")
+    started = sys.argv[0] if sys.argv and sys.argv[0].startswith(f"{PROG} ") else f"python -m {module}"
+    kwargs.setdefault("prog", started)
+    kwargs.setdefault("formatter_class", HelpFormatter)
+    parser = argparse.ArgumentParser(description=head or None, epilog=rest or None, **kwargs)
+    parser.add_argument(errors.DEBUG_FLAG, action="store_true", help="on a failure, print its traceback too")
+    return parser
 
 
 def module_file(module: str) -> Path:

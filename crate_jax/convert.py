@@ -38,6 +38,7 @@ from crate_jax import errors
 from crate_jax.checkpoint import models
 from crate_jax.checkpoint.bundle import BundleError
 from crate_jax.checkpoint.outputs import check_destination, check_output
+from crate_jax.cli import tool_parser
 from crate_jax.models import ConfigError
 from crate_jax.weights import bert, clipa, crate_mae, dino, gpt, layouts
 from crate_jax.weights.importer import count, import_weights
@@ -53,8 +54,7 @@ def _sha256(path: Path) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.convert", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = tool_parser("crate_jax.convert", __doc__)
     ap.add_argument("--format", required=True,
                     choices=sorted(layouts.FORMATS) + [CLIPA_FORMAT] + sorted(gpt.LM_FORMATS) + [crate_mae.FORMAT]
                     + list(dino.FORMATS) + sorted(bert.FORMATS),

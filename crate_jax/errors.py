@@ -24,6 +24,10 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
+# A config that cannot be built: the message names the key and what to change. Defined with the model configs
+# (the bottom layer: models/ imports nothing outside models/), published here for every other module.
+from crate_jax.models.config import ConfigError
+
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_STATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEBUG_FLAG = "--debug"
 
@@ -66,7 +70,6 @@ def classify(e: BaseException) -> tuple[int, str]:
     if is_disk_full(e):
         return EXIT_STATE, "error: " + (disk_full_message(e) if isinstance(e, OSError) else
                                         f"no space left on the device ({_one_line(e)}); free space and rerun")
-    from crate_jax.models.config import ConfigError
     if isinstance(e, ConfigError):
         return EXIT_USAGE, f"config error: {_one_line(e)}"
     if isinstance(e, (UsageError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):

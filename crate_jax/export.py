@@ -39,6 +39,7 @@ from crate_jax import errors
 from crate_jax.checkpoint.outputs import atomic_output_file, check_destination, check_output
 from crate_jax.checkpoint import models
 from crate_jax.checkpoint.bundle import BundleError, params_dict
+from crate_jax.cli import tool_parser
 from crate_jax.models import ConfigError, ModelConfig
 from crate_jax.models import registry
 from crate_jax.weights import bert, gpt, layouts
@@ -108,8 +109,7 @@ def _void_bf16(a: np.ndarray) -> np.ndarray:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.export", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = tool_parser("crate_jax.export", __doc__)
     ap.add_argument("--checkpoint", required=True, help="bundle directory or training workdir")
     ap.add_argument("--step", type=int, default=None, help="training checkpoint step (default: the newest)")
     ap.add_argument("--format", required=True,

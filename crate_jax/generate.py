@@ -25,6 +25,7 @@ import numpy as np
 from crate_jax import errors
 from crate_jax.checkpoint.bundle import BundleError
 from crate_jax.checkpoint.models import load
+from crate_jax.cli import tool_parser
 from crate_jax.lm.inference import TokenInputError, find_tokenizer
 from crate_jax.models import ConfigError
 from crate_jax.models import lm_decode
@@ -32,9 +33,7 @@ from crate_jax.text.bpe import BPETokenizer, TokenizerError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    head, _, rest = __doc__.partition("\n\n")
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.generate", description=head, epilog=rest,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = tool_parser("crate_jax.generate", __doc__)
     ap.add_argument("--checkpoint", required=True, help="language-model bundle or training workdir")
     ap.add_argument("--prompt", required=True, help="text to continue")
     ap.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (>= 1)")

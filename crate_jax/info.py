@@ -9,7 +9,6 @@ analytic count in `crate_jax.models.flops` (matmuls + attention, a multiply-add 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from crate_jax import errors
+from crate_jax.cli import tool_parser
 from crate_jax.models import VARIANTS, ConfigError, abstract_model, count_params, model_config
 from crate_jax.models.flops import forward_flops
 
@@ -60,8 +60,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.info", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = tool_parser("crate_jax.info", __doc__)
     ap.add_argument("--model", choices=sorted(VARIANTS), default="crate_alpha", help="model family")
     ap.add_argument("--variant", default="B/16", help="size name, e.g. B/16, L/14")
     ap.add_argument("--image-size", type=int, default=224, help="input resolution in pixels")

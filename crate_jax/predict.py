@@ -50,9 +50,10 @@ from crate_jax.checkpoint import files
 from crate_jax import errors
 from crate_jax.checkpoint.outputs import atomic_file
 from crate_jax.checkpoint.outputs import check_destination, check_output
+from crate_jax.cli import tool_parser
 from crate_jax.models import ConfigError, ImageClassifier, registry
 from crate_jax.models.batch_apply import apply_in_batches
-from crate_jax.data.image_files import ImageFileError, is_image_path, load_for_model
+from crate_jax.data.images.image_files import ImageFileError, is_image_path, load_for_model
 from crate_jax.predictions import TABLE_SUFFIXES
 from crate_jax.predict_io import PredictError, at_resolution, save_array, save_finite  # noqa: F401 - re-exported
 
@@ -120,7 +121,7 @@ def predict_logits(model: ImageClassifier, images: np.ndarray, *, layout: str = 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.predict", description=__doc__.split("\n\n")[0])
+    ap = tool_parser("crate_jax.predict", __doc__)
     ap.add_argument("--checkpoint", required=True,
                     help="bundle directory (from crate_jax.convert or export), training workdir or export --format hf")
     ap.add_argument("--images", help="image folder, image file (.png, .jpg, ...), or .npy float array of normalised "

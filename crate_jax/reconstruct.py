@@ -16,7 +16,6 @@ the visible patches pasted back), each upscaled `--scale`× (nearest).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ GRID = "reconstructions.png"  # the grid every run writes: marks a directory as 
 def _digit_images(name: str, size: int, n: int):
     from PIL import Image
 
-    from crate_jax.data import classification
+    from crate_jax.data.images import classification
 
     cfg = classification.resolve_config(dict(source=name))
     src = classification.make_source(cfg, "test")
@@ -41,9 +40,8 @@ def _digit_images(name: str, size: int, n: int):
 
 
 def parse_args(argv=None):
-    head, _, rest = __doc__.partition("\n\n")
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.reconstruct", description=head, epilog=rest,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from crate_jax.cli import tool_parser
+    ap = tool_parser("crate_jax.reconstruct", __doc__)
     ap.add_argument("--checkpoint", required=True, help="CRATE-MAE bundle or training workdir")
     ap.add_argument("--images", required=True, help="image folder, image file, .npy array or a bundled sample set")
     ap.add_argument("--out", required=True, help="output directory (an earlier one of this command is replaced once "
@@ -61,7 +59,7 @@ def main(argv=None) -> int:
     from crate_jax.analysis import samples
     from crate_jax.checkpoint.bundle import BundleError
     from crate_jax.checkpoint.outputs import atomic_output_dir, check_destination, check_output
-    from crate_jax.models.config import ConfigError
+    from crate_jax.errors import ConfigError
     from crate_jax.models.masking import mae_random_mask
     from crate_jax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
     from crate_jax.checkpoint.models import load

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from crate_jax import errors
 from crate_jax.analysis import cutler as mc
+from crate_jax.cli import tool_parser
 
 CHUNK = 64  # images resized and featurised at a time
 
@@ -46,9 +47,7 @@ def _log(msg: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    head, _, rest = __doc__.partition("\n\n")
-    p = argparse.ArgumentParser(prog="python -m crate_jax.segment", description=head, epilog=rest,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser("crate_jax.segment", __doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(q, layer: int, layer_help: str):

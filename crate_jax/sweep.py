@@ -1,7 +1,7 @@
 """Scaling-curve sweeps: expand a grid of config points, train each one, collect the metrics, plot.
 
-    python -m crate_jax.sweep --config configs/FILE.py:ARGS --grid variant=Ti/16,S/16,B/16,L/16 \
-        --grid patch=32,16,8 --workdir ROOT [--config.KEY=VALUE ...] [--tag NAME] \
+    python -m crate_jax.sweep --config configs/FILE.py:ARGS --grid variant=Ti/16,S/16,B/16,L/16 \\
+        --grid patch=32,16,8 --workdir ROOT [--config.KEY=VALUE ...] [--tag NAME] \\
         [--launch-cmd TEMPLATE] [--dry-run] [--collect-only] [--summary-out PATH.png]
 
 Grid: the cartesian product of the `--grid KEY=V1,V2,...` flags. A KEY without a dot is a config
@@ -15,7 +15,7 @@ and the sweep goes on. With `--launch-cmd`, each point is instead handed to a co
 the Cloud TPU launcher (fields `{config}`, `{overrides}` (expands to the override arguments),
 `{workdir}`, `{name}`, `{index}`):
 
-    --launch-cmd "python launch/tpu_vm.py run crate-{index} --accelerator-type v5p-128 \
+    --launch-cmd "python launch/tpu_vm.py run crate-{index} --accelerator-type v5p-128 \\
         --config {config} --workdir gs://BUCKET/sweep/{name} --run-name {name} {overrides}"
 
 Collect and plot (after the runs, or alone with `--collect-only`, e.g. over a copy of remote workdirs):
@@ -292,7 +292,7 @@ def _num_classes(config) -> int:
     n = config.get("model", {}).get("num_classes")
     if n is not None:
         return int(n)
-    from crate_jax.data import loader
+    from crate_jax.data.images import loader
     return int(loader.num_classes(config.data))
 
 
@@ -301,7 +301,7 @@ def read_run(workdir: Path, root: Path) -> RunResult:
     from ml_collections import ConfigDict
 
     from crate_jax.models.flops import train_flops
-    from crate_jax.train.classification import model_config_from
+    from crate_jax.classify.task import model_config_from
     from crate_jax.train.metrics import read_metrics
 
     cfg_file = workdir / "config.json"
@@ -488,10 +488,11 @@ def plot(runs: list[RunResult], out_dir: str | Path, *, title: str = "") -> list
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m crate_jax.sweep", allow_abbrev=False,
-                                description=__doc__.split("\n\n")[0],
-                                epilog="Extra --config.KEY=VALUE arguments apply to every point.")
-    p.add_argument("--config", help="configs/FILE.py:ARGS, the base of every point")
+    from crate_jax.cli import tool_parser
+    from crate_jax.train import config_cli
+    p = tool_parser("crate_jax.sweep", __doc__, allow_abbrev=False)
+    config_cli.add_config_arguments(p, required=False, help="configs/FILE.py:ARGS, the base of every point (required "
+                                    "unless --collect-only); --config.KEY=VALUE overrides apply to every point")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="one axis of the grid (repeatable): a config argument, or a dotted config key")
     p.add_argument("--workdir", required=True, help="sweep root: runs go to ROOT[/TAG]/NAME, plots to ROOT/plots")
@@ -507,17 +508,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from crate_jax.train import config_cli
     parser = _parser()
-    args, unknown = parser.parse_known_args(argv)
-    bad = [a for a in unknown if not a.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognised arguments {bad} (overrides must be written --config.KEY=VALUE)")
+    args, overrides = config_cli.parse_args(parser, list(sys.argv[1:] if argv is None else argv))
+    sweep_wide = [f"--config.{key}={value}" for key, value in overrides]
     try:
         if not args.collect_only:
             if not args.config:
                 parser.error("--config is required (unless --collect-only)")
-            points = expand(args.config, parse_grid(args.grid), unknown)
+            points = expand(args.config, parse_grid(args.grid), sweep_wide)
             check_points(points)
             outcomes = run_sweep(points, args.workdir, tag=args.tag, launch_cmd=args.launch_cmd,
                                  dry_run=args.dry_run, python=args.python)

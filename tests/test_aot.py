@@ -53,10 +53,16 @@ def test_bad_topology_names_list_the_valid_forms(bad):
 
 
 def test_cli_rejects_a_bad_topology_before_compiling(capsys):
-    assert aot.main(["--config", "tests/tiny_digits.py", "--topology", "v9-8"]) == 2
-    err = capsys.readouterr().err
-    assert "unknown TPU slice 'v9-8'" in err and "v5litepod-N" in err
-    assert aot.main(["--config", "tests/tiny_digits.py"]) == 2  # no --topology
+    """Usage errors are argparse's: exit 2, the usage and one `error:` line naming the option."""
+    for argv, says in ((["--topology", "v9-8"], "unknown TPU slice 'v9-8'"),
+                       (["--topology", "v9-8"], "v5litepod-N"),  # the valid forms are listed
+                       ([], "required: --topology"),
+                       (["--topology", "v5e-4", "--sim"], "unrecognized arguments: --sim")):
+        with pytest.raises(SystemExit) as e:
+            aot.main(["--config", "tests/tiny_digits.py", *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err, err
+        assert [ln for ln in err.splitlines() if "error:" in ln] == [err.splitlines()[-1]]
 
 
 def _shard_bytes(tree) -> int:

@@ -11,7 +11,7 @@ import reference_bert_np as R
 from crate_jax import convert
 from crate_jax.checkpoint.params import read_params
 from crate_jax.configs import glue as glue_config
-from crate_jax.data import text_prepare as TP
+from crate_jax.data.tokens import prepare as TP
 from crate_jax.mlm import glue_metrics as GM
 from crate_jax.mlm.glue import TextEncoder
 from crate_jax.train.loop import train_and_evaluate

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from crate_jax.configs import mlm
-from crate_jax.data import text_prepare as TP
-from crate_jax.data.text_tokens import TokenDataset
+from crate_jax.data.tokens import prepare as TP
+from crate_jax.data.tokens.loader import TokenDataset
 from crate_jax.mlm import data as D
 from crate_jax.parallel.mesh import make_mesh
 from crate_jax.train.loop import train_and_evaluate

@@ -22,7 +22,7 @@ from crate_jax.clip import loss as L, zeroshot as Z
 from crate_jax.models import masking, text as T, two_tower as TT
 from crate_jax.weights import clipa as convert_clipa
 from crate_jax.clip.task import ClipTask, two_tower_config_from
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.parallel.mesh import make_mesh
 from crate_jax.train.evaluation import EvalState
 from crate_jax.train.loop import train_and_evaluate
@@ -248,7 +248,7 @@ def test_recipe_defaults_follow_spec():
 
 
 def make_synth(tmp_path, vocab=True):
-    from crate_jax.data import synth_scenes
+    from crate_jax.data.image_text import synth_scenes
     from crate_jax.text.tokenizer import build_vocab_file
     data = tmp_path / "synth"
     synth_scenes.generate(data, train_samples=128, eval_samples=32, samples_per_shard=64, image_size=32)
@@ -331,7 +331,7 @@ def test_posemb_interpolation_modes(tmp_path):
 
 def test_train_data_from_tfds_directory(tmp_path):
     """`tfds=DIR` reads CLIPA's TFDS layout (jpg/txt) instead of shards, tokenised, and resumes exactly."""
-    from crate_jax.data import arrayrecord_convert
+    from crate_jax.data.image_text import arrayrecord_convert
     data = make_synth(tmp_path)
     arrayrecord_convert.convert(str(data / "train" / "{00000..00001}.tar"), tmp_path / "tfds")
     c = tiny_config(data, tfds=str(tmp_path / "tfds"))

@@ -74,7 +74,7 @@ def test_unrolled_gradient_bytes_within_the_plain_port(model):
 
 def test_train_step_without_clip_or_decay_moves_no_more_bytes():
     """Clipping and weight decay only add work; without them the stacked gradients must not be padded."""
-    from crate_jax.data import loader
+    from crate_jax.data.images import loader
     from crate_jax.parallel.mesh import make_mesh
     from crate_jax.train.setup import Setup
     from crate_jax.configs.common import base_config

@@ -114,7 +114,7 @@ def test_configs_resolve_from_any_directory(tmp_path):
 
 
 def test_overrides_reach_absent_and_none_keys(monkeypatch):
-    from crate_jax.models.config import ConfigError
+    from crate_jax.errors import ConfigError
     from crate_jax.train import config_cli
     c = config_cli.load_with_overrides("configs/digits.py", ["--config.model.scan=True", "--config.optim.lr=3e-3",
                                                              "--config.data.randaug=(2,9)", "--config.keep_period=5"])

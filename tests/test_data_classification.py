@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crate_jax.data import augment, classification, crops, loader
+from crate_jax.data import crops
 from crate_jax.data.decode import DecodeError, decode_image, to_array
+from crate_jax.data.images import augment, classification, loader
 
 
 def _digits_cfg(**overrides):

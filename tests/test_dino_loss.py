@@ -11,7 +11,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from crate_jax.configs import simdino
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.ssl import dino_loss as D
 from crate_jax.ssl.simdino_task import SimDINOTask
 from crate_jax.train.optim import build_optimizer

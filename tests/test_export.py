@@ -44,7 +44,7 @@ def test_bf16_bundle_and_predict(workdir, tmp_path):
     assert export.main(["--checkpoint", str(workdir), "--format", "bundle", "--output", str(out), "--dtype",
                         "bfloat16", "--torch-safetensors", str(torch_file)]) == 0
     meta = json.loads((out / "model.json").read_text())
-    assert meta["config"]["param_dtype"] == "bfloat16"
+    assert meta["config"]["block"]["param_dtype"] == "bfloat16"
     cfg, model = load_bundle(out)
     assert all(np.asarray(a).dtype == jax.numpy.bfloat16 for a in jax.tree.leaves(params_dict(model)))
     assert torch_file.stat().st_size > 0

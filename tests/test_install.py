@@ -72,7 +72,7 @@ def test_the_library_never_imports_the_demos():
 
 
 def test_config_paths_prefer_the_working_directory(tmp_path, monkeypatch):
-    from crate_jax.models.config import ConfigError
+    from crate_jax.errors import ConfigError
     from crate_jax.train import config_cli
     monkeypatch.chdir(tmp_path)
     bundled = config_cli.resolve_path("configs/digits.py")

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from crate_jax.data import text_prepare as TP
-from crate_jax.data import text_tokens as TT
+from crate_jax.data.tokens import prepare as TP
+from crate_jax.data.tokens import loader as TT
 from crate_jax.text.bpe import BPETokenizer, train_bpe
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex jumbled boxes of "

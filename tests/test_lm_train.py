@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from crate_jax.configs import lm
-from crate_jax.data import text_prepare as TP
+from crate_jax.data.tokens import prepare as TP
 from crate_jax.models import ConfigError
 from crate_jax.parallel.mesh import make_mesh
 from crate_jax.train.loop import train_and_evaluate

@@ -165,7 +165,7 @@ def test_coco_scenes_are_consistent_and_deterministic(tmp_path):
     from PIL import Image
     from pycocotools import mask as mask_util
 
-    from crate_jax.data import coco_scenes
+    from crate_jax.data.images import coco_scenes
 
     data = coco_scenes.write(tmp_path / "a", num_images=4, image_size=32, seed=3)
     again = coco_scenes.write(tmp_path / "b", num_images=4, image_size=32, seed=3)
@@ -186,7 +186,7 @@ def test_coco_scenes_are_consistent_and_deterministic(tmp_path):
 @pytest.fixture(scope="module")
 def bundle_and_scenes(tmp_path_factory):
     from crate_jax.checkpoint.bundle import params_dict, save_bundle
-    from crate_jax.data import coco_scenes
+    from crate_jax.data.images import coco_scenes
     from crate_jax.models import build_model, model_config
 
     root = tmp_path_factory.mktemp("seg")
@@ -236,7 +236,7 @@ def test_segmentation_evaluator(bundle_and_scenes):
     from ml_collections import ConfigDict
 
     from crate_jax.checkpoint.bundle import load_bundle
-    from crate_jax.models.config import ConfigError
+    from crate_jax.errors import ConfigError
     from crate_jax.train import registry
 
     root = bundle_and_scenes
@@ -263,7 +263,7 @@ def test_segmentation_evaluator_in_a_training_run(tmp_path):
     """The evaluator on sharded parameters (8 simulated devices), logged like any other."""
     from train_helpers import tiny_config
 
-    from crate_jax.data import coco_scenes
+    from crate_jax.data.images import coco_scenes
     from crate_jax.train.loop import train_and_evaluate
 
     coco_scenes.write(tmp_path / "scenes", num_images=2, image_size=32, seed=0)

@@ -150,7 +150,7 @@ def test_predict_on_image_files_writes_class_names_and_probabilities(tmp_path):
         probs = np.exp(np.asarray(p["logits"]) - max(p["logits"]))
         np.testing.assert_allclose(p["top_k"][0]["probability"], probs.max() / probs.sum(), rtol=1e-5)
     # the same preprocessing by hand: short side to round(16 / 0.875) = 18, centre crop 16, ImageNet mean / std
-    from crate_jax.data.augment import EvalPreprocess
+    from crate_jax.data.images.augment import EvalPreprocess
     x = EvalPreprocess(16, 18)(Image.open(folder / "img0.png").convert("RGB")).astype(np.float32) / 255
     x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
     np.testing.assert_allclose(preds[0]["logits"], np.asarray(model(x[None]))[0], rtol=1e-4, atol=1e-5)

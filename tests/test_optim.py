@@ -9,7 +9,7 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from crate_jax.train.mixup import mixup_cutmix
+from crate_jax.classify.mixup import mixup_cutmix
 from crate_jax.train.optim import build_optimizer, path_mask, schedule
 
 PARAMS = {"embedding": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones((3,))},

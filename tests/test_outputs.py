@@ -20,7 +20,7 @@ from crate_jax import analyze, convert, errors, export, predict
 from crate_jax.checkpoint import outputs
 from crate_jax.checkpoint.bundle import load_bundle, params_dict, save_bundle
 from crate_jax.checkpoint.outputs import OutputError, check_output
-from crate_jax.data import text_prepare
+from crate_jax.data.tokens import prepare
 from fs_helpers import tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,15 +233,15 @@ def test_text_prepare_never_writes_over_its_input(tmp_path, capsys):
     for inputs, output, rel in (([corpus], corpus, "is the input"), ([corpus / "doc0.txt"], corpus, "contains"),
                                 ([corpus], corpus / "tokens", "lies inside"),
                                 ([f"{corpus}/*.txt"], corpus, "contains")):
-        code, line = run_cli(capsys, text_prepare, "--input", *inputs, "--output", output, *common)
+        code, line = run_cli(capsys, prepare, "--input", *inputs, "--output", output, *common)
         assert code == 2 and rel in line, line
         assert tree_digest(corpus) == before
     out = tmp_path / "tok"
-    assert errors.run(text_prepare.main, ["--input", str(corpus), "--output", str(out), *common]) == 0
+    assert errors.run(prepare.main, ["--input", str(corpus), "--output", str(out), *common]) == 0
     first = tree_digest(out)
-    code, line = run_cli(capsys, text_prepare, "--input", corpus, "--output", out, *common[:-1])
+    code, line = run_cli(capsys, prepare, "--input", corpus, "--output", out, *common[:-1])
     assert code == 2 and "pass --overwrite" in line and tree_digest(out) == first
-    assert errors.run(text_prepare.main, ["--input", str(corpus), "--output", str(out), *common, "--keep-old",
+    assert errors.run(prepare.main, ["--input", str(corpus), "--output", str(out), *common, "--keep-old",
                                           "--shard-tokens", "100"]) == 0
     (kept,) = siblings(out)
     assert kept.startswith("tok.old-") and tree_digest(tmp_path / kept) == first and tree_digest(out) != first
@@ -303,8 +303,8 @@ def test_killed_overwrite_of_text_prepare(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     out, ref_old, ref_new = tmp_path / "tokens", tmp_path / "ref_old", tmp_path / "ref_new"
     args = ["--input", corpus, "--train-tokenizer", "300", "--val-fraction", "0"]
-    text_prepare.main([str(a) for a in args + ["--output", ref_old, "--shard-tokens", "10000"]])
-    text_prepare.main([str(a) for a in args + ["--output", ref_new, "--shard-tokens", "200"]])
+    prepare.main([str(a) for a in args + ["--output", ref_old, "--shard-tokens", "10000"]])
+    prepare.main([str(a) for a in args + ["--output", ref_new, "--shard-tokens", "200"]])
     assert tree_digest(ref_old) != tree_digest(ref_new)
 
     def make_old():
@@ -317,7 +317,7 @@ def test_killed_overwrite_of_text_prepare(tmp_path):
         assert tree_digest(path) == tree_digest(ref_new)
 
     n, notes = kill_every_operation(
-        make_old, lambda kill_at: subprocess_cli("crate_jax.data.text_prepare", *args, "--output", out,
+        make_old, lambda kill_at: subprocess_cli("crate_jax.data.tokens.prepare", *args, "--output", out,
                                                  "--shard-tokens", "200", "--overwrite", kill_at=kill_at),
         check_new)
     assert n >= 3  # at least: swap, remove the old
@@ -337,7 +337,7 @@ def test_killed_overwrite_of_an_exported_bundle(bundle, tmp_path):
         return out, tree_digest(ref_old)
 
     def check_new(path):  # Orbax's file names differ per write: compare the content
-        assert json.loads((path / "model.json").read_text())["config"]["param_dtype"] == "bfloat16"
+        assert json.loads((path / "model.json").read_text())["config"]["block"]["param_dtype"] == "bfloat16"
         _, model = load_bundle(path)
         _, src = load_bundle(bundle)
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(a.dtype)),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.parallel.mesh import make_mesh
 from crate_jax.probe.knn import KNNEvaluator, knn_accuracy
 from crate_jax.probe.linear_probe import linear_probe, stratified_holdout

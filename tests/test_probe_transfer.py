@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from crate_jax.configs import transfer
-from crate_jax.data import loader
-from crate_jax.data.classification import MnistSource
+from crate_jax.data.images import loader
+from crate_jax.data.images.classification import MnistSource
 from crate_jax.train.loop import train_and_evaluate
 from crate_jax.train.setup import make_task
 from train_helpers import losses

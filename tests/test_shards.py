@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crate_jax.data import arrayrecord_convert, batching, crops, shard_eval, shard_train, synth_scenes, tfds_captions
+from crate_jax.data import batching, crops
 from crate_jax.data.decode import DecodeError, draft_decode, open_image
+from crate_jax.data.image_text import arrayrecord_convert, shard_eval, shard_train, synth_scenes, tfds_captions
 from crate_jax.data.shard_patterns import expand_braces, expand_pattern
 from crate_jax.data.tar_reader import ShardError, iter_shard
 from crate_jax.data.tar_writer import write_shard

@@ -103,7 +103,7 @@ def test_per_parameter_gradient_clipping_is_dinos():
     import jax.numpy as jnp
     import optax
     from ml_collections import ConfigDict
-    from crate_jax.models.config import ConfigError
+    from crate_jax.errors import ConfigError
     from crate_jax.train.optim import build_optimizer
     params = {"a": jnp.zeros(2), "b": jnp.zeros(1)}
     grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.1])}

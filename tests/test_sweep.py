@@ -23,7 +23,7 @@ def _in_repo_root(monkeypatch):
 
 
 def test_scaling_config_real_and_digits_modes():
-    from crate_jax.train.classification import model_config_from
+    from crate_jax.classify.task import model_config_from
     pre = scaling.get_config("variant=L/32")
     assert (pre.data.name, pre.model.num_classes, pre.batch_size, pre.optim.lr) == ("imagenet21k", 19_167, 4096, 8e-4)
     ft = scaling.get_config("variant=L/32,stage=finetune,patch=8,init=gs://b/in21k_l32")

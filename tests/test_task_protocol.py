@@ -15,7 +15,7 @@ from ml_collections import ConfigDict
 
 from crate_jax.checkpoint.training import TrainCheckpointer
 from crate_jax.models import layers as L
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.parallel.mesh import make_mesh
 from crate_jax.train import registry
 from crate_jax.train.evaluation import eval_batch_size, every_of

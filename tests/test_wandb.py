@@ -11,7 +11,7 @@ import pytest
 from ml_collections import ConfigDict
 from train_helpers import losses, tiny_config
 
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.train import validate
 from crate_jax.train.__main__ import main as train_main
 from crate_jax.train.loop import train_and_evaluate

@@ -109,7 +109,7 @@ def sample_names(name: str) -> tuple[str, ...]:
 
 def _load_sample_set(name: str) -> list[tuple[str, np.ndarray]]:
     if name in DATASET_SETS:  # e.g. the digits test split (stratified, split seed 0, as configs/digits.py)
-        from crate_jax.data.classification import DigitsSource
+        from crate_jax.data.images.classification import DigitsSource
         source, split = DATASET_SETS[name]
         src = DigitsSource(split)
         return [(f"{name}_{i:04d}_label{int(src[i]['label'])}", to_rgb_uint8(src[i]["image"], f"{name}[{i}]"))

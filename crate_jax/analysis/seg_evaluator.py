@@ -7,7 +7,7 @@ tower, a SimDINO backbone).
                             solver="auto", params="student", batch_size=16,
                             masks="DIR/masks", attention_layer=-2, mass=0.6)
 
-`images` defaults to the `images/` folder next to `annotations` (the layout `crate_jax.data.coco_scenes`
+`images` defaults to the `images/` folder next to `annotations` (the layout `crate_jax.data.images.coco_scenes`
 writes). Images are read once; each run extracts features at the backbone's resolution, cuts, and scores with
 pycocotools (`crate_jax.analysis.coco_eval`). Metrics: `mask_AP`, `mask_AP50`, `mask_AP75`, `box_AP`,
 `box_AP50`, `box_AP75`, `masks_per_image`; with `masks` (VOC-layout class masks, `NAME.png` per image) also
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from crate_jax.analysis import attention_miou, coco_eval, cutler, densecrf, seg_inputs
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 
 SPEC_KEYS = ("type", "every", "annotations", "images", "layer", "tau", "n_masks", "max_images", "crf", "params",
              "batch_size", "solver", "masks", "attention_layer", "mass")

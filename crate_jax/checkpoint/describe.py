@@ -94,7 +94,7 @@ def class_names_of_run(run_config: dict) -> list[str] | None:
         if source in ("digits", "mnist"):
             return [str(i) for i in range(10)]
         if source == "folder" and data.get("data_dir"):
-            from crate_jax.data.classification import folder_classes
+            from crate_jax.data.images.classification import folder_classes
             return list(folder_classes(data["data_dir"], data.get("train_split") or "train"))
         if source == "tfds" and data.get("name"):
             return _tfds_names(data)
@@ -125,7 +125,7 @@ def tokenizer_files_of_run(run_config: dict) -> list[Path]:
     data = run_config.get("data") or {}
     if data.get("dir"):
         try:
-            from crate_jax.data.text_tokens import TokenDataset
+            from crate_jax.data.tokens.loader import TokenDataset
             return [Path(TokenDataset(data["dir"]).tokenizer_path)]
         except Exception as e:  # noqa: BLE001 - a moved or remote data directory: the bundle goes without
             log.warning("the run's tokenizer in %s is not readable (%s)", data["dir"], e)

@@ -30,7 +30,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from crate_jax.clip import loss as loss_lib
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.models.flops import block_flops
 from crate_jax.models.preprocess import normalize
 from crate_jax.models.text import text_config
@@ -204,10 +204,10 @@ class ClipTask(TaskBase):
                       area_max=float(d.get("area_max", 100.0)), num_threads=d.get("num_threads") or None,
                       prefetch=int(d.get("prefetch", 2)), fast_decode=bool(d.get("fast_decode", False)))
         if d.source == "shards":  # validate() checked that the pattern / directory is set
-            from crate_jax.data import shard_train
+            from crate_jax.data.image_text import shard_train
             return shard_train.make_train_iterator(d.shards, shuffle_buffer=int(d.get("shuffle_buffer", 10_000)),
                                                    cycle_length=int(d.get("cycle_length", 4)), **common)
-        from crate_jax.data import tfds_captions
+        from crate_jax.data.image_text import tfds_captions
         return tfds_captions.make_train_iterator(d.tfds_dir, split=d.get("tfds_split", "train"), **common)
 
     def init_params(self, fresh: dict) -> dict:
@@ -238,12 +238,12 @@ class ClipTask(TaskBase):
         pi, pc = jax.process_index(), jax.process_count()
         source = spec.get("source", "shards")
         if source == "shards":
-            from crate_jax.data import shard_eval
+            from crate_jax.data.image_text import shard_eval
             return shard_eval.make_eval_iterator(spec.shards, batch_size=batch, image_size=res,
                                                  tokenizer=self.tokenizer if with_text else None, process_index=pi,
                                                  process_count=pc,
                                                  label_key=None if with_text else spec.get("label_key", "label"))
-        from crate_jax.data import loader
+        from crate_jax.data.images import loader
         data = ConfigDict(dict(source="tfds", name=spec.name, data_dir=spec.get("data_dir", None),
                                eval_split=spec.get("split", "validation"), augment="inception_crop",
                                resize_small=res, flip=False, num_threads=int(spec.get("num_threads", 8)),

@@ -11,13 +11,14 @@ Images are embedded under the run's mesh: each process feeds its own eval batche
 encoder runs on the global batch, and the embeddings (with labels and masks, so the rows stay
 aligned) are gathered to every process. Class and caption prompts are known to every process and
 are fed whole. Class names and templates are read from files: one per line (templates contain
-`{}`), or a JSON file with a `classes` list (as `crate_jax.data.synth_scenes` writes); a bare file
+`{}`), or a JSON file with a `classes` list (as `crate_jax.data.image_text.synth_scenes` writes); a bare file
 name is looked up in `crate_jax/eval/assets/`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import numpy as np
@@ -25,7 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from crate_jax.eval.names import load_classnames, load_templates  # noqa: F401 - also used as Z.load_* by tests
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.models.preprocess import normalize
 from crate_jax.parallel import sharding as sh
 from crate_jax.train import metrics as M
@@ -147,10 +148,21 @@ def retrieval(embedder: Embedder, batches: Iterable[dict]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------ evaluators
-def _clip_task(task, key: str):
-    """The run's task, if it can serve these evaluators (a `crate_jax.clip.task.ClipTask` or any task with
-    the same `eval_iterator` / `embedder` / `tokenizer`)."""
-    if not all(hasattr(task, a) for a in ("eval_iterator", "embedder", "tokenizer")):
+@runtime_checkable
+class ImageTextTask(Protocol):
+    """What the zero-shot and retrieval evaluators need of a run's task (`crate_jax.clip.task.ClipTask` has it):
+    its eval data, an embedder of images and texts for a train state, and its tokenizer."""
+
+    tokenizer: Any
+
+    def eval_iterator(self, *args, **kwargs): ...
+
+    def embedder(self, state, global_batch: int): ...
+
+
+def _clip_task(task, key: str) -> ImageTextTask:
+    """The run's task, if it can serve these evaluators (an `ImageTextTask`)."""
+    if not isinstance(task, ImageTextTask):
         raise ConfigError(f"{key}: zero-shot and retrieval evaluate a two-tower model; this run's task is "
                           f"{type(task).__name__}")
     return task

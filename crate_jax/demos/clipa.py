@@ -3,7 +3,7 @@ zero-shot evaluation on held-out compositions, and a params-only bundle at the e
 
     python -m crate_jax.demos.clipa --workdir runs/clip_demo
 
-1. Writes synthetic captioned scenes as webdataset shards (`crate_jax.data.synth_scenes`): one
+1. Writes synthetic captioned scenes as webdataset shards (`crate_jax.data.image_text.synth_scenes`): one
    coloured shape per 64 px image, 12 classes (4 colours × 3 shapes); per class three (size,
    position) compositions never appear in training and make up the eval shards. A WordPiece vocab
    is trained on the captions.
@@ -26,7 +26,6 @@ its arguments. Re-running on the same workdir reuses the data and resumes finish
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -79,7 +78,8 @@ def export_bundle(workdir: Path, out: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.demos.clipa", description=__doc__.split("\n\n")[0])
+    from crate_jax.cli import tool_parser
+    ap = tool_parser("crate_jax.demos.clipa", __doc__)
     ap.add_argument("--workdir", required=True, help="where data, runs and the bundle go")
     ap.add_argument("--train-samples", type=int, default=10_000, help="synthetic captioned training images")
     ap.add_argument("--pretrain-steps", type=int, default=2_500, help="steps at 32 px")
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     data = root / "data"
     t_start = time.perf_counter()
 
-    from crate_jax.data import synth_scenes
+    from crate_jax.data.image_text import synth_scenes
     if not (data / "classes.json").exists():
         print(f"== writing {args.train_samples} training scenes + 1000 held-out scenes to {data}", flush=True)
         t0 = time.perf_counter()

@@ -5,7 +5,7 @@ on real English text that ships with Python, held-out loss side by side, and a g
 
 1. The corpus is the standard library's `pydoc_data/topics.py` (the text of `help('TOPIC')`, ~465k
    characters of English prose with some code). Each topic is cut at paragraph breaks into documents of
-   about 2,000 characters; `crate_jax.data.text_prepare` holds out 10 % of the documents (seeded hash)
+   about 2,000 characters; `crate_jax.data.tokens.prepare` holds out 10 % of the documents (seeded hash)
    and trains a byte-level BPE of 1,024 entries on the **train** documents only.
 2. The three models train with `configs/lm.py` (the nanoGPT recipe: AdamW(0.9, 0.95), wd 0.1, warm-up
    + cosine, clip 1.0), shrunk: width 96, depth 3, 4 heads, block 64, batch 24, 400 steps, lr 2e-3,
@@ -19,7 +19,6 @@ Re-running on the same workdir reuses the data and resumes or re-evaluates finis
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -46,7 +45,7 @@ def corpus_documents(chunk_chars: int = 2000) -> list[str]:
 
 
 def prepare_data(workdir: Path, vocab: int) -> Path:
-    from crate_jax.data.text_prepare import MANIFEST, prepare
+    from crate_jax.data.tokens.prepare import MANIFEST, prepare
     data = workdir / "data"
     if (data / MANIFEST).is_file():
         return data
@@ -89,7 +88,8 @@ def export(model: str, workdir: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.demos.lm", description=__doc__.split("\n\n")[0])
+    from crate_jax.cli import tool_parser
+    ap = tool_parser("crate_jax.demos.lm", __doc__)
     ap.add_argument("--workdir", default="runs/lm_demo", help="where runs, bundles and the table go")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated models to train")
     ap.add_argument("--steps", type=int, default=400, help="training steps per model")
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     data = prepare_data(workdir, a.vocab)
     results = {m: run_model(m, data, workdir, a) for m in models}
 
-    from crate_jax.data.text_tokens import TokenDataset
+    from crate_jax.data.tokens.loader import TokenDataset
     from crate_jax.checkpoint.models import load
     from crate_jax.models import count_params
     from crate_jax.models import lm_decode

@@ -20,7 +20,6 @@ About 20 minutes on two CPU cores.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -35,7 +34,7 @@ NAMES = {"crate_bert": "CRATE-BERT", "bert": "BERT"}
 
 def word_order_task(workdir: Path, seed: int = 0) -> Path:
     """`train.jsonl` / `validation.jsonl` of `{sentence, label}` (module docstring, step 3)."""
-    from crate_jax.data.text_prepare import split_of
+    from crate_jax.data.tokens.prepare import split_of
     from crate_jax.demos.lm import corpus_documents
     out = workdir / "word_order"
     if (out / "validation.jsonl").is_file():
@@ -86,7 +85,8 @@ def finetune(init: Path, seed: int, data: Path, task: Path, workdir: Path, a) ->
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.demos.mlm", description=__doc__.split("\n\n")[0])
+    from crate_jax.cli import tool_parser
+    ap = tool_parser("crate_jax.demos.mlm", __doc__)
     ap.add_argument("--workdir", default="runs/mlm_demo", help="where runs, bundles and the table go")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     ap.add_argument("--steps", type=int, default=300, help="masked-LM pre-training steps")

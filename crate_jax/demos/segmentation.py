@@ -4,11 +4,11 @@ held-out synthetic scenes with several objects, over several seeds.
 
     python -m crate_jax.demos.segmentation --workdir runs/seg_demo [--seeds 0,1,2]
 
-1. The CLIPA demo's data (`crate_jax.data.synth_scenes`: one shape per 64 px image with a caption) and its
+1. The CLIPA demo's data (`crate_jax.data.image_text.synth_scenes`: one shape per 64 px image with a caption) and its
    two stages (`crate_jax.demos.clipa.stage_args`: pre-training at 32 px, fine-tuning at 64 px, 8 px patches,
    width 64, depth 2), once with `model=crate_alpha` and once with `model=vit`, per seed (`config.seed`:
    initialisation and data order; the data itself is the same for all runs).
-2. Held-out segmentation scenes in COCO format (`crate_jax.data.coco_scenes`: 2-4 shapes per 64 px image,
+2. Held-out segmentation scenes in COCO format (`crate_jax.data.images.coco_scenes`: 2-4 shapes per 64 px image,
    none of them seen in training), scored at the end of fine-tuning by the `segmentation` evaluator:
    class-agnostic mask / box AP of MaskCut on the last layer's qkv (CRATE-α) or keys (ViT) features, and the
    fg/bg mIoU of the penultimate layer's [CLS] attention kept to 60 % of its mass.
@@ -19,7 +19,6 @@ Re-running on the same workdir reuses the data and the finished runs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -54,7 +53,8 @@ def train_stage(arg: str, workdir: Path, seed: int, evals: dict | None = None) -
 
 
 def make_data(root: Path, train_samples: int, eval_images: int) -> tuple[Path, Path]:
-    from crate_jax.data import coco_scenes, synth_scenes
+    from crate_jax.data.image_text import synth_scenes
+    from crate_jax.data.images import coco_scenes
 
     data, scenes = root / "data", root / "seg_scenes"
     if not (data / "vocab.txt").exists():
@@ -100,7 +100,8 @@ def summarize(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.demos.segmentation", description=__doc__.split("\n\n")[0])
+    from crate_jax.cli import tool_parser
+    ap = tool_parser("crate_jax.demos.segmentation", __doc__)
     ap.add_argument("--workdir", required=True, help="where runs, scenes and the table go")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated image towers")

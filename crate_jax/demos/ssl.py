@@ -35,7 +35,6 @@ finished runs (no training) and re-evaluates.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -133,7 +132,8 @@ def table(rows: list[tuple[str, str, dict]]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.demos.ssl", description=__doc__.split("\n\n")[0])
+    from crate_jax.cli import tool_parser
+    ap = tool_parser("crate_jax.demos.ssl", __doc__)
     ap.add_argument("--workdir", default="runs/ssl_demo", help="where runs, bundles and the table go")
     ap.add_argument("--docs", default=None, help="also copy the two pictures here (the README's)")
     ap.add_argument("--simdino-steps", type=int, default=300, help="SimDINO steps")
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     from crate_jax.checkpoint.models import load
     from crate_jax.ssl.mae_inference import reconstruct, write_pngs
     import jax
-    from crate_jax.data.classification import MnistSource
+    from crate_jax.data.images.classification import MnistSource
     test = MnistSource("test")
     pick = [int(np.flatnonzero(test._labels == d)[0]) for d in range(10)]
     display = np.stack([test[i]["image"] for i in pick])

@@ -1,5 +1,5 @@
 """Class names and prompt templates for zero-shot evaluation and bundles: files of one name per line (templates
-contain `{}`), or a JSON file with a `classes` list (as `crate_jax.data.synth_scenes` writes); a bare file name is
+contain `{}`), or a JSON file with a `classes` list (as `crate_jax.data.image_text.synth_scenes` writes); a bare file name is
 looked up in `crate_jax/eval/assets/`."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `lm_loss`: the mean next-token cross-entropy (nats per token) on held-out tokens and its
 perplexity `exp(loss)`, over ordered windows of `block + 1` tokens with stride `block`
-(`crate_jax.data.text_tokens.eval_batches`: every held-out token after the first is scored once, each
+(`crate_jax.data.tokens.loader.eval_batches`: every held-out token after the first is scored once, each
 process scoring its own block of windows), up to `max_windows` windows (default all).
 """
 
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from crate_jax.lm.task import LMTask, next_token_nll
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.train.evaluation import jit_on_model, schedule_of, summed_over
 
 
@@ -43,7 +43,7 @@ class LMLossEvaluator:
             raise ConfigError(f"{key}.max_windows: expected an integer >= 1 (or None: every window), got {mw!r}")
         self.max_windows = mw
         if task.data_dir:  # the split exists and holds at least one window: a start-up error otherwise
-            from crate_jax.data.text_tokens import TokenDataError, eval_windows
+            from crate_jax.data.tokens.loader import TokenDataError, eval_windows
             try:
                 n = eval_windows(task.dataset, self.split, block=task.model_cfg.block_size)
             except TokenDataError as e:
@@ -54,7 +54,7 @@ class LMLossEvaluator:
         self._fn = None
 
     def run(self, state) -> dict[str, float]:
-        from crate_jax.data.text_tokens import eval_batches
+        from crate_jax.data.tokens.loader import eval_batches
         if self._fn is None:
             self._fn = jit_on_model(state.graphdef, nll_sums)
         it = eval_batches(self.task.dataset, self.split, block=self.task.model_cfg.block_size,

@@ -79,7 +79,7 @@ def find_tokenizer(checkpoint: str | os.PathLike, explicit: str | None = None) -
         except ValueError:
             data_dir = None
         if data_dir:
-            from crate_jax.data.text_tokens import TokenDataError, TokenDataset
+            from crate_jax.data.tokens.loader import TokenDataError, TokenDataset
             try:
                 return TokenDataset(data_dir).tokenizer_path
             except TokenDataError:

@@ -1,8 +1,8 @@
 """Causal language modelling as a task of the shared engine (`crate_jax.train.loop`): `config.task = 'lm'`.
 
 The task supplies the model (`crate_jax.models.lm`: CRATE-GPT, the CRATE-α LM or GPT-2), the
-next-token cross-entropy, the token data (`crate_jax.data.text_tokens`: random windows of
-`block + 1` tokens from shards written by `crate_jax.data.text_prepare`, one disjoint range per
+next-token cross-entropy, the token data (`crate_jax.data.tokens.loader`: random windows of
+`block + 1` tokens from shards written by `crate_jax.data.tokens.prepare`, one disjoint range per
 process) and the FLOPs for MFU (`6N + 12·depth·d·T` per token, N counting each use of a weight
 matrix, `crate_jax.models.lm.train_flops_per_token`). Its evaluator is `lm_loss`
 (`crate_jax.lm.evaluators`): held-out loss and perplexity.
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.models.lm import GPT2_VOCAB, LM_MODELS, LMConfig, build_lm, lm_config, train_flops_per_token
 from crate_jax.train.task import TaskBase
 from crate_jax.train.validate import known_keys, need_int
@@ -68,10 +68,10 @@ class LMTask(TaskBase):
     @property
     def dataset(self):
         if self._dataset is None:
-            from crate_jax.data.text_tokens import TokenDataError, TokenDataset
+            from crate_jax.data.tokens.loader import TokenDataError, TokenDataset
             if not self.data_dir:
                 raise ConfigError("config.data.dir is empty: pass data=DIR, a directory written by "
-                                  "`python -m crate_jax.data.text_prepare`")
+                                  "`python -m crate_jax.data.tokens.prepare`")
             try:
                 self._dataset = TokenDataset(self.data_dir)
             except TokenDataError as e:
@@ -112,7 +112,7 @@ class LMTask(TaskBase):
         return self.model_cfg.block_size
 
     def train_iterator(self, *, batch_size: int, process_index: int, process_count: int):
-        from crate_jax.data.text_tokens import LMTrainIterator
+        from crate_jax.data.tokens.loader import LMTrainIterator
         return LMTrainIterator(self.dataset, block=self.model_cfg.block_size, batch_size=batch_size,
                                seed=int(self.config.seed), process_index=process_index, process_count=process_count,
                                num_threads=int(self.config.data.get("num_threads", 2) or 2))

@@ -1,9 +1,9 @@
-"""Masked-LM batches from the token shards of `crate_jax.data.text_prepare`: packed rows, dynamic masking.
+"""Masked-LM batches from the token shards of `crate_jax.data.tokens.prepare`: packed rows, dynamic masking.
 
 Rows (RoBERTa's FULL-SENTENCES packing): `<s>` + `T − 2` consecutive tokens of the split + `</s>`, documents
 packed across rows, each document's end-of-text token written as `</s>` (the separator). Train rows start
 at uniformly random offsets inside this process's contiguous token range (as the causal LM's windows,
-`crate_jax.data.text_tokens`); eval rows are the ordered, non-overlapping windows of the split.
+`crate_jax.data.tokens.loader`); eval rows are the ordered, non-overlapping windows of the split.
 
 Dynamic masking (BERT / RoBERTa): each non-special position is chosen with probability `prob` (15 %); a
 chosen token becomes `<mask>` with probability `mask_frac` (80 %), a uniformly random ordinary token with
@@ -28,7 +28,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from crate_jax.data.text_tokens import TokenDataError, TokenDataset, process_range
+from crate_jax.data.tokens.loader import TokenDataError, TokenDataset, process_range
 
 IGNORE = -100
 ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<mask>")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from crate_jax.mlm.task import MLMTask, masked_nll
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.train.evaluation import jit_on_model, schedule_of, summed_over
 
 
@@ -41,7 +41,7 @@ class MLMLossEvaluator:
         self.max_rows = mr
         self.seed = int(spec.get("seed", 0))
         if task.data_dir:  # the split exists and holds at least one row: a start-up error otherwise
-            from crate_jax.data.text_tokens import TokenDataError
+            from crate_jax.data.tokens.loader import TokenDataError
             from crate_jax.mlm.data import eval_rows
             try:
                 n = eval_rows(task.dataset, self.split, seq_len=int(task.config.seq_len))

@@ -8,7 +8,7 @@ or squared error for regression (STS-B).
 
 Data (`config.data`): `source='tfds'` reads TFDS `glue/<task>` (`data_dir`, prepared beforehand; tests use
 TFDS mock data), `source='jsonl'` reads `<dir>/<split>.jsonl` with the same text fields and `label` (the demo's
-offline task). Text is tokenised with the tokenizer of a directory written by `crate_jax.data.text_prepare`
+offline task). Text is tokenised with the tokenizer of a directory written by `crate_jax.data.tokens.prepare`
 (`data.vocab_dir`: the pretraining data, so ids and special tokens match, `crate_jax.mlm.data.MLMVocab`):
 `<s> A </s>` or `<s> A </s></s> B </s>` (RoBERTa's pair format), longest text truncated first, padded to
 `seq_len` with `<pad>` (masked out of the attention).
@@ -30,8 +30,9 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from crate_jax.models.bert import bert_config, build_bert, train_flops_per_token, with_head
-from crate_jax.models.config import ConfigError
-from crate_jax.train.evaluation import global_batch, jit_on_model, schedule_of
+from crate_jax.errors import ConfigError
+from crate_jax.parallel.sharding import global_batch
+from crate_jax.train.evaluation import jit_on_model, schedule_of
 from crate_jax.train.task import TaskBase
 
 # task -> (text features, outputs (1: regression), metrics, validation split): the TFDS `glue` configs.
@@ -55,7 +56,7 @@ class TextEncoder:
     def __init__(self, vocab_dir: str | Path, seq_len: int):
         from tokenizers import Tokenizer
 
-        from crate_jax.data.text_tokens import TokenDataError, TokenDataset
+        from crate_jax.data.tokens.loader import TokenDataError, TokenDataset
         from crate_jax.mlm.data import MLMVocab
         try:
             ds = TokenDataset(vocab_dir)

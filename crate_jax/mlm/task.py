@@ -19,7 +19,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from crate_jax.models.bert import BERT_MODELS, BertConfig, bert_config, build_bert, train_flops_per_token
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.train.task import TaskBase
 from crate_jax.train.validate import known_keys, need_int
 
@@ -80,10 +80,10 @@ class MLMTask(TaskBase):
     @property
     def dataset(self):
         if self._dataset is None:
-            from crate_jax.data.text_tokens import TokenDataError, TokenDataset
+            from crate_jax.data.tokens.loader import TokenDataError, TokenDataset
             if not self.data_dir:
                 raise ConfigError("config.data.dir is empty: pass data=DIR, a directory written by "
-                                  "`python -m crate_jax.data.text_prepare`")
+                                  "`python -m crate_jax.data.tokens.prepare`")
             try:
                 self._dataset = TokenDataset(self.data_dir)
             except TokenDataError as e:
@@ -93,7 +93,7 @@ class MLMTask(TaskBase):
     @property
     def vocab(self):
         if self._vocab is None:
-            from crate_jax.data.text_tokens import TokenDataError
+            from crate_jax.data.tokens.loader import TokenDataError
             from crate_jax.mlm.data import MLMVocab
             try:
                 self._vocab = MLMVocab.of(self.dataset)

@@ -10,7 +10,7 @@
   #27759): per layer `z = x + Wo · MSSA(LN(x))` with one bias-free `qkv` projection (q = k = v), scores over
   `sqrt(d/h)` and an output map without bias, then `x_next = ReLU(g + 0.1 (g D − g Dᵀ D) − 0.01)`, `g = LN(z)`
   (CRATE's ISTA step, `crate_jax.models.layers.ISTA`), with **no residual**. Both layer LayerNorms use eps
-  1e-5 (`block_ln_eps`), not the config's `layer_norm_eps` (1e-12), which the embeddings and the MLM head use.
+  1e-5 (its `block.ln_eps`), not the config's `layer_norm_eps` (1e-12), which the embeddings and the MLM head use.
 * **BERT / RoBERTa** (`model='bert'`): post-LN layers `x = LN(x + Attn(x))`, `x = LN(x + W2 gelu_erf(W1 x))`
   with q / k / v / out and MLP biases, eps `layer_norm_eps` (BERT 1e-12, RoBERTa 1e-5).
 
@@ -41,7 +41,7 @@ from flax import nnx
 
 from crate_jax.models import layers as L
 from crate_jax.models.blocks import CrateBlock, _dtypes, _keys
-from crate_jax.models.config import ATTENTIONS, DTYPES, REMATS, BlockConfig, ConfigError, Serialised, check_fields
+from crate_jax.models.config import BlockConfig, ConfigError, Serialised
 from crate_jax.models.encoder import Encoder
 from crate_jax.models.flops import block_flops
 from crate_jax.models.text import Embed
@@ -69,31 +69,43 @@ class BertConfig(Serialised):
 
     model: str
     variant: str
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int = 0  # BERT intermediate width (0: 4·width); unused by CRATE-BERT
+    block: BlockConfig  # CRATE-BERT: CRATE blocks (LayerNorm eps 1e-5); BERT: post-LN blocks (MLP width given 0: 4·width)
     vocab_size: int = 50265
     max_positions: int = 514
     type_vocab_size: int = 2
     pad_token_id: int = 1
     positions: str = "roberta"
     layer_norm_eps: float = 1e-12  # embeddings, MLM head (and BERT's layers)
-    block_ln_eps: float = 1e-5  # CRATE-BERT's two layer LayerNorms (hard-coded in the pull request)
-    eta: float = 0.1
-    lmbda: float = 0.1
     mlm_head: bool = True
     pooler: bool = False
     num_labels: int = 0  # > 0: a classifier (1: regression) on the pooled first token; needs the pooler
-    attention: str = "fused"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    scan: bool = False
-    remat: str = "none"
-    dropout: float = 0.0
 
     def __post_init__(self):
         self.validate()
+
+    @classmethod
+    def block_family(cls, own):
+        if own.get("model") not in BERT_MODELS:
+            raise ConfigError(f"BERT config field 'model': got {own.get('model')!r}, expected one of {BERT_MODELS}")
+        return "crate" if own["model"] == "crate_bert" else "vit"
+
+    @classmethod
+    def build(cls, **fields):
+        eps = fields.pop("block_ln_eps", None)  # older bundles named CRATE-BERT's block eps on its own
+        if eps is not None and fields.get("model") == "crate_bert":
+            fields.setdefault("ln_eps", eps)
+        return super().build(**fields)
+
+    @classmethod
+    def complete_block(cls, own, options):
+        """CRATE-BERT: the pull request's hard-coded LayerNorm eps 1e-5, no MLP; BERT: its layers' LayerNorm eps
+        is `layer_norm_eps`, MLP 4·width unless given, output biases. Never causal."""
+        crate = own["model"] == "crate_bert"
+        options.setdefault("ln_eps", 1e-5 if crate else own.get("layer_norm_eps", 1e-12))
+        options.setdefault("attn_out_bias", not crate)
+        options["mlp_dim"] = 0 if crate else (options.get("mlp_dim") or 4 * options["width"])
+        options["causal"] = False
+        return options
 
     @property
     def head_dim(self) -> int:
@@ -111,19 +123,6 @@ class BertConfig(Serialised):
             return self.max_positions - self.pad_token_id - 1
         return self.max_positions
 
-    @property
-    def block(self) -> BlockConfig:
-        crate = self.model == "crate_bert"
-        try:
-            return BlockConfig(family="crate" if crate else "vit", width=self.width, depth=self.depth,
-                               num_heads=self.num_heads, mlp_dim=0 if crate else (self.mlp_dim or 4 * self.width),
-                               eta=self.eta, lmbda=self.lmbda,
-                               ln_eps=self.block_ln_eps if crate else self.layer_norm_eps, attn_out_bias=not crate,
-                               causal=False, attention=self.attention, dtype=self.dtype, param_dtype=self.param_dtype,
-                               scan=self.scan, remat=self.remat, dropout=self.dropout)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("model config field", "BERT config field")) from None
-
     def validate(self) -> None:
         def bad(field, msg):
             raise ConfigError(f"BERT config field '{field}': {msg}")
@@ -132,10 +131,6 @@ class BertConfig(Serialised):
             bad("model", f"got {self.model!r}, expected one of {BERT_MODELS}")
         if self.positions not in POSITIONS:
             bad("positions", f"got {self.positions!r}, expected one of {POSITIONS}")
-        for field, allowed in (("remat", REMATS), ("attention", ATTENTIONS), ("dtype", DTYPES),
-                               ("param_dtype", DTYPES)):
-            if getattr(self, field) not in allowed:
-                bad(field, f"got {getattr(self, field)!r}, expected one of {allowed}")
         if self.vocab_size < 2 or self.type_vocab_size < 1:
             bad("vocab_size", f"vocab_size must be >= 2 and type_vocab_size >= 1, got {self.vocab_size}, "
                 f"{self.type_vocab_size}")
@@ -148,7 +143,6 @@ class BertConfig(Serialised):
             bad("num_labels", f"must be >= 0 (0: no classifier), got {self.num_labels}")
         if self.num_labels and not self.pooler:
             bad("pooler", "a classifier (num_labels > 0) reads the pooled first token: set pooler=True")
-        self.block.validate("BERT")
 
 
 def resolve_variant(model: str, variant: str | None) -> str:
@@ -167,13 +161,12 @@ def bert_config(model: str, variant: str | None = None, **overrides) -> BertConf
     width, depth, heads, mlp = BERT_VARIANTS[model][name]
     tables = ROBERTA_TABLES if model == "crate_bert" else BERT_TABLES
     fields = dict(model=model, variant=name, width=width, depth=depth, num_heads=heads, mlp_dim=mlp, **tables)
-    check_fields(BertConfig, overrides, "BERT")
     if "width" in overrides and "mlp_dim" not in overrides and mlp:
         fields["mlp_dim"] = 0  # 4·width of the new width
     fields.update(overrides)
     if (fields["width"], fields["depth"], fields["num_heads"]) != (width, depth, heads):
         fields["variant"] = "custom"
-    return BertConfig(**fields)
+    return BertConfig.build(**fields)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -144,91 +144,128 @@ class BlockConfig:
         return dataclasses.replace(self, **changes)
 
 
-_BLOCK_FIELDS = tuple(f.name for f in dataclasses.fields(BlockConfig) if f.name != "family")
+# Every option of a block stack, declared once (in `BlockConfig`). Each model config holds a `block:
+# BlockConfig` and reads these through it (`cfg.block.remat`, or `cfg.remat` for short); its builders and
+# `from_dict` take them flat (`model_config('vit', 'B/16', remat='full')`, the flat `model.json` of older
+# bundles) or nested (`{"block": {...}}`, what `to_dict` writes). Adding a block option is one field in
+# `BlockConfig` (docs/adding_a_model.md §A new block option).
+BLOCK_OPTIONS = tuple(f.name for f in dataclasses.fields(BlockConfig) if f.name != "family")
 
 
-def check_fields(cls, keys, what: str) -> None:
-    """Raises a ConfigError naming every key of `keys` that is not a field of the dataclass `cls`."""
-    names = {f.name for f in dataclasses.fields(cls)}
+def check_fields(cls, keys, what: str, extra=()) -> None:
+    """Raises a ConfigError naming every key of `keys` that is not a field of the dataclass `cls` (or in `extra`),
+    with the closest known key for each."""
+    import difflib
+    names = {f.name for f in dataclasses.fields(cls)} | set(extra)
     unknown = sorted(set(keys) - names)
     if unknown:
-        raise ConfigError(f"unknown {what} config keys {unknown}; known keys are {sorted(names)}")
+        hints = [f"{close[0]!r} for {k!r}" for k in unknown if (close := difflib.get_close_matches(k, names, 1, 0.75))]
+        raise ConfigError(f"unknown {what} config keys {unknown}" + (f" (did you mean {', '.join(hints)}?)" if hints
+                                                                     else "") + f"; known keys are {sorted(names)}")
 
 
 class Serialised:
-    """`to_dict` / `to_json` / `from_dict` / `replace` for a flat config dataclass; `what` names it in errors."""
+    """A model config that holds a `block: BlockConfig`, with `build` / `from_dict` (flat or nested block
+    options), `to_dict` / `to_json` and `replace`; `what` names it in errors.
+
+    A subclass declares its own fields plus `block: BlockConfig`, and says how its block follows from its
+    own fields: `block_family(own)` (the block family) and `complete_block(own, options)` (options the
+    family fixes, e.g. a language model's causal mask). Block options read through the config too
+    (`cfg.width` is `cfg.block.width`).
+    """
 
     what: ClassVar[str] = "model"
 
+    @classmethod
+    def block_family(cls, own: dict[str, Any]) -> str:
+        return own["model"]
+
+    @classmethod
+    def complete_block(cls, own: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+        return options
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        """Every key `build` takes: the config's own fields and the block options."""
+        return ({f.name for f in dataclasses.fields(cls)} - {"block"}) | set(BLOCK_OPTIONS)
+
+    @classmethod
+    def build(cls, **fields):
+        """The config from its own fields and block options, flat or as `block=` (a BlockConfig or a dict)."""
+        nested = fields.pop("block", None)
+        options = dict(dataclasses.asdict(nested) if isinstance(nested, BlockConfig) else nested or {})
+        options.pop("family", None)
+        own_names = {f.name for f in dataclasses.fields(cls)} - {"block"}
+        check_fields(cls, fields, cls.what, extra=BLOCK_OPTIONS)
+        check_fields(BlockConfig, options, f"{cls.what} block")
+        own = {k: v for k, v in fields.items() if k in own_names}
+        options.update({k: v for k, v in fields.items() if k not in own_names})
+        missing = [k for k in ("width", "depth", "num_heads") if k not in options]
+        if missing:
+            raise ConfigError(f"{cls.what} config: missing {missing} (the size of its blocks)")
+        try:
+            block = BlockConfig(family=cls.block_family(own), **cls.complete_block(own, options))
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("model config field", f"{cls.what} config field", 1)) from None
+        except KeyError as e:
+            raise ConfigError(f"{cls.what} config: missing field {e}") from None
+        return cls(block=block, **own)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        return cls.build(**d)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {k: v.to_dict() if isinstance(v, Serialised) else v for k, v in d.items()}
+        if isinstance(d.get("block"), BlockConfig):
+            d["block"] = {k: v for k, v in dataclasses.asdict(d["block"]).items() if k != "family"}
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]):
-        check_fields(cls, d, cls.what)
-        return cls(**d)
-
     def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes` (own fields or block options), its block re-derived as `build` does."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "block"}
+        options = {k: v for k, v in dataclasses.asdict(self.block).items() if k != "family"}
+        return type(self).build(**{**own, **options, **changes})
+
+    def __getattr__(self, name: str):
+        # only reached when normal lookup fails: block options read through the held BlockConfig
+        block = self.__dict__.get("block")
+        if block is not None and name in BLOCK_OPTIONS:
+            return getattr(block, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(Serialised):
-    """Everything that fixes an image classifier's parameters and forward pass.
+    """Everything that fixes an image classifier's parameters and forward pass (the JSON a bundle stores).
 
-    The fields are flat (this is the JSON a bundle stores); `block` is the `BlockConfig` of its
-    encoder. Shapes: images are NHWC `[B, image_size, image_size, channels]`; tokens are
+    `block` is the `BlockConfig` of its encoder (width, depth, heads and every block option). Shapes: images are NHWC `[B, image_size, image_size, channels]`; tokens are
     `[B, N+1, width]` with `N = (image_size / patch_size)**2` patches plus the cls token.
     """
 
     kind: ClassVar[str] = "classifier"  # the bundle kind (crate_jax.models.registry)
 
-    model: str
+    model: str  # the block family: 'crate', 'crate_alpha' or 'vit'
     variant: str
-    width: int
-    depth: int
-    num_heads: int
+    block: BlockConfig
     patch_size: int
     image_size: int = 224
     channels: int = 3
     num_classes: int = 1000  # 0: no head, the model returns pooled features.
-    mlp_dim: int = 0  # ViT MLP width (unused by CRATE / CRATE-α).
     pool: str = "cls"
     posemb: str = "learn"
-    eta: float = 0.1
-    lmbda: float = 0.1
-    odl_ratio: int = 4
-    odl_steps: int = 2
-    odl_decoupled: bool = True
-    odl_residual: bool = True
-    ln_eps: float = 1e-6
     final_ln_eps: float = 1e-6
     stem_bias: bool = True  # conv / patch-embedding bias (CRATE-α `emb_head_bias`)
     head_bias: bool = True
-    attn_out_bias: bool = False
-    init: str = "default"  # 'dino': the official DINO / SimDINO ViT init (INITS)
-    gelu: str = "tanh"  # 'erf': torch's exact nn.GELU (GELUS)
     pos_resize: str = "jax"  # 'dino': local-crop position tables as DINO resamples them (POS_RESIZES)
-    causal: bool = False
-    attention: str = "fused"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    scan: bool = False
-    remat: str = "none"
-    dropout: float = 0.0
-    drop_path: float = 0.0
     emb_dropout: float = 0.0
 
     def __post_init__(self):
         self.validate()
-
-    # Derived sizes -------------------------------------------------------------------------
-    @property
-    def block(self) -> BlockConfig:
-        return BlockConfig(family=self.model, **{f: getattr(self, f) for f in _BLOCK_FIELDS})
 
     @property
     def head_dim(self) -> int:
@@ -255,7 +292,8 @@ class ModelConfig(Serialised):
         for field, allowed in (("pool", POOLS), ("posemb", POSEMBS), ("pos_resize", POS_RESIZES)):
             if getattr(self, field) not in allowed:
                 bad(field, f"got {getattr(self, field)!r}, expected one of {allowed}")
-        self.block.validate()
+        if self.block.family != self.model:
+            bad("model", f"the block family {self.block.family!r} is not the model {self.model!r}")
         if self.patch_size <= 0 or self.image_size <= 0 or self.image_size % self.patch_size:
             bad("image_size", f"{self.image_size} px is not divisible by patch size {self.patch_size}; "
                 f"use a multiple of {self.patch_size} (e.g. {self.patch_size * max(1, self.image_size // max(1, self.patch_size))})")
@@ -296,6 +334,5 @@ def model_config(model: str, variant: str, **overrides) -> ModelConfig:
     width, depth, heads, mlp = VARIANTS[model][name]
     fields = dict(model=model, variant=f"{name}/{patch}", width=width, depth=depth, num_heads=heads,
                   patch_size=patch, mlp_dim=mlp, **_MODEL_DEFAULTS[model])
-    check_fields(ModelConfig, overrides, "model")
     fields.update(overrides)
-    return ModelConfig(**fields)
+    return ModelConfig.build(**fields)

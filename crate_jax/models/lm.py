@@ -33,7 +33,7 @@ from flax import nnx
 
 from crate_jax.models import layers as L
 from crate_jax.models.blocks import CrateAlphaBlock, CrateBlock, ViTBlock
-from crate_jax.models.config import ATTENTIONS, DTYPES, REMATS, BlockConfig, ConfigError, Serialised, check_fields
+from crate_jax.models.config import BlockConfig, ConfigError, Serialised
 from crate_jax.models.encoder import Encoder
 from crate_jax.models.flops import block_flops
 from crate_jax.models.text import Embed
@@ -82,32 +82,36 @@ class LMConfig(Serialised):
 
     model: str
     variant: str
-    width: int
-    depth: int
-    num_heads: int
+    block: BlockConfig  # causal blocks; `mlp_dim` is GPT-2's MLP width (given 0: 4·width)
     vocab_size: int = GPT2_VOCAB
     vocab_multiple: int = 1  # pad the embedding table to a multiple of this (nanoGPT: 64 -> 50304)
     block_size: int = GPT2_BLOCK
-    mlp_dim: int = 0  # GPT-2 MLP width (0: 4·width)
-    eta: float = 0.1
-    lmbda: float = 0.1
-    odl_ratio: int = 4
-    odl_steps: int = 2
-    odl_decoupled: bool = True
-    odl_residual: bool = True
-    ln_eps: float = 1e-5
     final_norm: bool = False
     final_ln_eps: float = 1e-5
-    attention: str = "fused"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    scan: bool = False
-    remat: str = "none"
-    dropout: float = 0.0  # after the attention output and the MLP / ISTA / ODL output (residual dropout)
     emb_dropout: float = 0.0
+    # block.dropout: after the attention output and the MLP / ISTA / ODL output (residual dropout)
 
     def __post_init__(self):
         self.validate()
+
+    @classmethod
+    def block_family(cls, own):
+        if own.get("model") not in FAMILY:
+            raise ConfigError(f"language-model config field 'model': got {own.get('model')!r}, expected one of "
+                              f"{LM_MODELS}")
+        return FAMILY[own["model"]]
+
+    @classmethod
+    def complete_block(cls, own, options):
+        """Causal blocks; GPT-2's MLP 4·width unless given, CRATE-GPT's output bias."""
+        options.setdefault("ln_eps", 1e-5)
+        options.setdefault("attn_out_bias", own["model"] == "crate_gpt")
+        options["causal"] = True
+        if own["model"] == "gpt2":
+            options["mlp_dim"] = options.get("mlp_dim") or 4 * options["width"]
+        else:
+            options["mlp_dim"] = 0
+        return options
 
     @property
     def head_dim(self) -> int:
@@ -124,20 +128,6 @@ class LMConfig(Serialised):
         return FAMILY[self.model]
 
     @property
-    def block(self) -> BlockConfig:
-        """The `BlockConfig` of the causal blocks."""
-        try:
-            return BlockConfig(family=self.family, width=self.width, depth=self.depth, num_heads=self.num_heads,
-                               mlp_dim=(self.mlp_dim or 4 * self.width) if self.model == "gpt2" else 0,
-                               eta=self.eta, lmbda=self.lmbda, odl_ratio=self.odl_ratio, odl_steps=self.odl_steps,
-                               odl_decoupled=self.odl_decoupled, odl_residual=self.odl_residual, ln_eps=self.ln_eps,
-                               attn_out_bias=self.model == "crate_gpt", causal=True, attention=self.attention,
-                               dtype=self.dtype, param_dtype=self.param_dtype, scan=self.scan, remat=self.remat,
-                               dropout=self.dropout, drop_path=0.0)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("model config field", "language-model config field")) from None
-
-    @property
     def dict_size(self) -> int:
         return self.block.dict_size
 
@@ -147,10 +137,6 @@ class LMConfig(Serialised):
 
         if self.model not in LM_MODELS:
             bad("model", f"got {self.model!r}, expected one of {LM_MODELS}")
-        for field, allowed in (("remat", REMATS), ("attention", ATTENTIONS), ("dtype", DTYPES),
-                               ("param_dtype", DTYPES)):
-            if getattr(self, field) not in allowed:
-                bad(field, f"got {getattr(self, field)!r}, expected one of {allowed}")
         if self.vocab_size < 2:
             bad("vocab_size", f"must be >= 2, got {self.vocab_size}")
         if self.vocab_multiple < 1:
@@ -159,7 +145,8 @@ class LMConfig(Serialised):
             bad("block_size", f"must be >= 1, got {self.block_size}")
         if not 0.0 <= self.emb_dropout < 1.0:
             bad("emb_dropout", f"must be in [0, 1), got {self.emb_dropout}")
-        self.block.validate("language-model")
+        if not self.block.causal:
+            bad("causal", "a language model's blocks are causal")
 
 
 def resolve_variant(model: str, variant: str | None) -> str:
@@ -184,11 +171,10 @@ def lm_config(model: str, variant: str | None = None, **overrides) -> LMConfig:
     name = resolve_variant(model, variant)
     width, depth, heads = LM_VARIANTS[model][name]
     fields = dict(model=model, variant=name, width=width, depth=depth, num_heads=heads, **_MODEL_DEFAULTS[model])
-    check_fields(LMConfig, overrides, "language-model")
     fields.update(overrides)
     if (fields["width"], fields["depth"], fields["num_heads"]) != (width, depth, heads):
         fields["variant"] = "custom"
-    return LMConfig(**fields)
+    return LMConfig.build(**fields)
 
 
 def _block_kwargs(cfg: LMConfig) -> dict:

@@ -37,7 +37,7 @@ from flax import nnx
 from crate_jax.models import layers as L
 from crate_jax.models.blocks import CrateBlock
 from crate_jax.models.classifier import patchify
-from crate_jax.models.config import ATTENTIONS, DTYPES, REMATS, BlockConfig, ConfigError, Serialised, check_fields
+from crate_jax.models.config import BlockConfig, ConfigError, Serialised
 from crate_jax.models.encoder import Encoder
 from crate_jax.models.flops import block_flops
 
@@ -76,30 +76,32 @@ class MAEConfig(Serialised):
     what: ClassVar[str] = "CRATE-MAE"  # names it in errors (Serialised)
 
     variant: str
-    width: int
-    depth: int
-    num_heads: int
+    block: BlockConfig  # the encoder's CRATE blocks (λ = 0.5, LayerNorm eps 1e-5: the official defaults)
     patch_size: int = 16
     image_size: int = 224
     channels: int = 3
     decoder_depth: int = 0  # 0: the encoder's depth (every official preset)
     decoder_num_heads: int = 0  # 0: the encoder's heads
-    eta: float = 0.1
-    lmbda: float = 0.5  # the encoder ISTA threshold (official `lambd` default)
-    ln_eps: float = 1e-5  # the PreNorm LayerNorms (torch default)
     final_ln_eps: float = 1e-6  # `norm` and `decoder_norm`
     use_softmax: bool = True  # decoder MSSA: False replaces its softmax by the identity (official option)
     mask_ratio: float = 0.75
     norm_pix_loss: bool = False  # official constructor default; the MAE recipe (configs/mae.py) turns it on
     pool: str = "cls"  # features for probes: the encoder's cls token, or the mean of its patch tokens
-    attention: str = "fused"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    scan: bool = False
-    remat: str = "none"
 
     def __post_init__(self):
         self.validate()
+
+    @classmethod
+    def block_family(cls, own):
+        return "crate"
+
+    @classmethod
+    def complete_block(cls, own, options):
+        """The official `crate_ae` blocks: λ = 0.5 (`lambd`), torch's LayerNorm eps, MSSA output bias."""
+        options.setdefault("lmbda", 0.5)
+        options.setdefault("ln_eps", 1e-5)
+        options.setdefault("attn_out_bias", True)
+        return options
 
     @property
     def grid(self) -> int:
@@ -113,28 +115,22 @@ class MAEConfig(Serialised):
     def patch_dim(self) -> int:
         return self.patch_size * self.patch_size * self.channels
 
-    def _block(self, depth: int, heads: int, lmbda: float) -> BlockConfig:
-        return BlockConfig(family="crate", width=self.width, depth=depth, num_heads=heads, eta=self.eta, lmbda=lmbda,
-                           ln_eps=self.ln_eps, attn_out_bias=True, attention=self.attention, dtype=self.dtype,
-                           param_dtype=self.param_dtype, scan=self.scan, remat=self.remat)
-
     @property
     def encoder_block(self) -> BlockConfig:
-        return self._block(self.depth, self.num_heads, self.lmbda)
+        return self.block
 
     @property
     def decoder_block(self) -> BlockConfig:
         # the decoder's FeedForward has a `lambd` (5.0) that its forward never uses
-        return self._block(self.decoder_depth or self.depth, self.decoder_num_heads or self.num_heads, self.lmbda)
+        return self.block.replace(depth=self.decoder_depth or self.depth,
+                                  num_heads=self.decoder_num_heads or self.num_heads)
 
     def validate(self) -> None:
         def bad(field, msg):
             raise ConfigError(f"CRATE-MAE config field '{field}': {msg}")
 
-        for field, allowed in (("remat", REMATS), ("attention", ATTENTIONS), ("dtype", DTYPES),
-                               ("param_dtype", DTYPES), ("pool", ("cls", "mean"))):
-            if getattr(self, field) not in allowed:
-                bad(field, f"got {getattr(self, field)!r}, expected one of {allowed}")
+        if self.pool not in ("cls", "mean"):
+            bad("pool", f"got {self.pool!r}, expected one of ('cls', 'mean')")
         if self.patch_size <= 0 or self.image_size % self.patch_size:
             bad("image_size", f"{self.image_size} px is not divisible by patch size {self.patch_size}")
         if self.width % 4:
@@ -143,8 +139,8 @@ class MAEConfig(Serialised):
             bad("mask_ratio", f"must be in [0, 1), got {self.mask_ratio}")
         if self.decoder_depth < 0 or self.decoder_num_heads < 0:
             bad("decoder_depth", "decoder_depth and decoder_num_heads must be >= 0 (0: as the encoder)")
-        self.encoder_block.validate("CRATE-MAE encoder")
-        self.decoder_block.validate("CRATE-MAE decoder")
+        if self.decoder_num_heads and self.width % self.decoder_num_heads:
+            bad("decoder_num_heads", f"width {self.width} is not divisible by {self.decoder_num_heads} heads")
 
 
 def mae_config(variant: str = "T/16", **overrides) -> MAEConfig:
@@ -157,9 +153,8 @@ def mae_config(variant: str = "T/16", **overrides) -> MAEConfig:
     width, depth, heads = MAE_VARIANTS[name]
     fields = dict(variant=f"{name}/{patch or 16}", width=width, depth=depth, num_heads=heads,
                   patch_size=int(patch or 16))
-    check_fields(MAEConfig, overrides, "CRATE-MAE")
     fields.update(overrides)
-    return MAEConfig(**fields)
+    return MAEConfig.build(**fields)
 
 
 # ------------------------------------------------------------------------------------------------

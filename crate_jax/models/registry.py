@@ -40,7 +40,7 @@ class Kind:
 
 def _nested_dtype(*fields: str):
     def cast(cfg, dtype):
-        return cfg.replace(**{f: dataclasses.replace(getattr(cfg, f), param_dtype=dtype, dtype=dtype) for f in fields})
+        return cfg.replace(**{f: getattr(cfg, f).replace(param_dtype=dtype, dtype=dtype) for f in fields})
     return cast
 
 

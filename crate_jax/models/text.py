@@ -13,6 +13,7 @@ Parameter tree: `embed/embedding [V, w]`, `pos_embedding [1, L, w]`, `encoder/bl
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from flax import nnx
 
 from crate_jax.models import layers as L
 from crate_jax.models.blocks import BLOCKS, ViTBlock
-from crate_jax.models.config import BlockConfig, ConfigError, check_fields
+from crate_jax.models.config import BlockConfig, ConfigError, Serialised
 from crate_jax.models.encoder import Encoder
 
 PAD_ID = 0
@@ -39,41 +40,35 @@ TEXT_VARIANTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
-    """The text tower. Tokens are `[B, max_len]` int32 with pad id 0."""
+class TextConfig(Serialised):
+    """The text tower. Tokens are `[B, max_len]` int32 with pad id 0; `block` is its encoder's `BlockConfig`."""
 
-    model: str = "transformer"
-    variant: str = "H"
-    width: int = 1024
-    depth: int = 24
-    num_heads: int = 16
-    mlp_dim: int = 4096
+    what: ClassVar[str] = "text"  # names it in errors (Serialised)
+
+    model: str
+    variant: str
+    block: BlockConfig
     vocab_size: int = 32_000
     max_len: int = 32
     pool: str = "last"
     pad_mask: bool = False  # official: no attention mask at all (docs/math.md §CLIPA)
-    causal: bool = False
-    ln_eps: float = 1e-6
     final_ln_eps: float = 1e-6
-    attention: str = "fused"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    scan: bool = False
-    remat: str = "none"
-    dropout: float = 0.0
 
-    @property
-    def block(self) -> BlockConfig:
-        """The `BlockConfig` of the tower's encoder blocks."""
-        family = "vit" if self.model == "transformer" else self.model
-        try:
-            return BlockConfig(family=family, width=self.width, depth=self.depth, num_heads=self.num_heads,
-                               mlp_dim=self.mlp_dim if family == "vit" else 0, ln_eps=self.ln_eps,
-                               attn_out_bias=family != "crate_alpha", causal=self.causal,
-                               attention=self.attention, dtype=self.dtype, param_dtype=self.param_dtype,
-                               scan=self.scan, remat=self.remat, dropout=self.dropout)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("model config field", "text config field")) from None
+    def __post_init__(self):
+        self.validate()
+
+    @classmethod
+    def block_family(cls, own):
+        return "vit" if own.get("model", "transformer") == "transformer" else own["model"]
+
+    @classmethod
+    def complete_block(cls, own, options):
+        """The tower's blocks: MLP width only for the transformer, output bias except on CRATE-α."""
+        family = cls.block_family(own)
+        options.setdefault("attn_out_bias", family != "crate_alpha")
+        if family != "vit":
+            options["mlp_dim"] = 0
+        return options
 
     def validate(self) -> None:
         def bad(field, msg):
@@ -86,7 +81,6 @@ class TextConfig:
             bad("vocab_size", f"vocab_size must be >= 2 and max_len >= 1, got {self.vocab_size}, {self.max_len}")
         if self.model == "transformer" and self.mlp_dim <= 0:
             bad("mlp_dim", "the transformer text tower needs a positive MLP width")
-        self.block  # width / heads / dtype checks of the blocks
 
 
 def text_config(variant: str = "H", model: str = "transformer", **overrides) -> TextConfig:
@@ -95,11 +89,8 @@ def text_config(variant: str = "H", model: str = "transformer", **overrides) -> 
         raise ConfigError(f"unknown text variant {variant!r}; known: {sorted(TEXT_VARIANTS)}")
     w, d, k, m = TEXT_VARIANTS[variant]
     fields = dict(model=model, variant=variant, width=w, depth=d, num_heads=k, mlp_dim=m)
-    check_fields(TextConfig, overrides, "text")
     fields.update(overrides)
-    cfg = TextConfig(**fields)
-    cfg.validate()
-    return cfg
+    return TextConfig.build(**fields)
 
 
 class Embed(nnx.Module):

@@ -61,7 +61,7 @@ class TwoTowerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["image"], d["text"] = self.image.to_dict(), dataclasses.asdict(self.text)
+        d["image"], d["text"] = self.image.to_dict(), self.text.to_dict()
         return d
 
     def to_json(self) -> str:
@@ -71,11 +71,7 @@ class TwoTowerConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TwoTowerConfig":
         d = dict(d)
         check_fields(cls, d, "two-tower")
-        text = dict(d.pop("text"))
-        tnames = {f.name for f in dataclasses.fields(TextConfig)}
-        if set(text) - tnames:
-            raise ConfigError(f"unknown text config keys {sorted(set(text) - tnames)}; known keys are {sorted(tnames)}")
-        return cls(image=ModelConfig.from_dict(d.pop("image")), text=TextConfig(**text), **d)
+        return cls(image=ModelConfig.from_dict(d.pop("image")), text=TextConfig.from_dict(d.pop("text")), **d)
 
     def replace(self, **changes) -> "TwoTowerConfig":
         return dataclasses.replace(self, **changes)

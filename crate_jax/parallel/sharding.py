@@ -120,6 +120,13 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+def global_batch(local: dict, mesh: Mesh) -> dict:
+    """Per-process numpy batch -> one global jax.Array per key, batch axis over (data, fsdp)."""
+    import numpy as np
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in local.items()}
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

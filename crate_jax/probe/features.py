@@ -33,10 +33,11 @@ from ml_collections import ConfigDict
 
 from crate_jax.models.batch_apply import replicator
 from crate_jax.models.classifier import ImageClassifier
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.models.preprocess import normalize
 from crate_jax.models.self_distill import backbone_features
-from crate_jax.train.evaluation import global_batch, schedule_of
+from crate_jax.parallel.sharding import global_batch
+from crate_jax.train.evaluation import schedule_of
 
 PARAMS = ("student", "teacher")
 SPEC_KEYS = ("type", "every", "batch_size", "data", "train_split", "eval_split", "image_size", "params")
@@ -55,7 +56,7 @@ class ProbeData:
     """The parsed spec of a probe evaluator: data, splits, resolution, which parameters, batch."""
 
     def __init__(self, name: str, spec: ConfigDict, task, mesh, extra_keys=()):
-        from crate_jax.data import loader
+        from crate_jax.data.images import loader
 
         key = f"config.evals.{name}"
         unknown = sorted(set(spec.keys()) - set(SPEC_KEYS) - set(extra_keys))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.models.heads import l2_normalize
 from crate_jax.models.batch_apply import apply_in_batches
 from crate_jax.probe.features import ProbeData

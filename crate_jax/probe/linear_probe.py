@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.probe.features import ProbeData
 
 LAMBDAS = tuple(10.0 ** e for e in range(-6, 1))

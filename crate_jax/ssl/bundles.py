@@ -11,7 +11,6 @@ just as well (`crate_jax.models.backbones`).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from crate_jax.checkpoint import models
 from crate_jax.checkpoint.bundle import BundleError
 from crate_jax.checkpoint.outputs import check_destination, check_output
 from crate_jax.checkpoint.params import ParamsError
+from crate_jax.cli import tool_parser
 
 
 def export_run(workdir, output, *, teacher: bool = False, backbone: bool = False, overwrite: bool = False,
@@ -34,7 +34,7 @@ def export_run(workdir, output, *, teacher: bool = False, backbone: bool = False
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.ssl.bundles", description=__doc__.split("\n\n")[0])
+    ap = tool_parser("crate_jax.ssl.bundles", __doc__)
     ap.add_argument("--workdir", required=True, help="a training workdir (config.json, model.json, checkpoints/)")
     ap.add_argument("--output", required=True, help="bundle directory to create")
     ap.add_argument("--teacher", action="store_true", help="the EMA teacher's parameters (SimDINO runs)")

@@ -7,7 +7,7 @@ and takes the MSE on the removed patches (optionally `norm_pix_loss`) against th
 
 Config keys read here: `res`, `seed`, `model.{variant, **MAEConfig overrides}` (e.g. `width`, `depth`,
 `num_heads`, `patch_size`, `mask_ratio`, `norm_pix_loss`, `dtype`, `scan`, `remat`), `data.*` (any
-classification source, `crate_jax.data.classification`; its labels are carried but unused), `init.*`,
+classification source, `crate_jax.data.images.classification`; its labels are carried but unused), `init.*`,
 and the evaluators in `evals` (e.g. `knn`, `linear_probe` on the encoder's cls token).
 """
 
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.models.mae import MAEConfig, build_mae, mae_config, mae_forward_flops, mae_loss
 from crate_jax.models.masking import mae_random_mask
 from crate_jax.models.preprocess import normalize
@@ -44,7 +44,7 @@ class MAETask(TaskBase):
 
     def __init__(self, config: ConfigDict):
         super().__init__(config)
-        from crate_jax.data import loader
+        from crate_jax.data.images import loader
         self.loader = loader
         self.model_cfg = mae_config_from(config)
         try:

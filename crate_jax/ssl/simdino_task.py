@@ -3,7 +3,7 @@
 
 * **Student**: a CRATE, CRATE-α or ViT backbone + the DINO projection head to 256, L2-normalised, no
   prototypes, no centring (`crate_jax.models.self_distill`). It sees all views: 2 global crops and
-  `n_local` local crops (`crate_jax.data.multicrop`), the local ones through a resampled position table.
+  `n_local` local crops (`crate_jax.data.images.multicrop`), the local ones through a resampled position table.
 * **Teacher**: an EMA of the student's parameters, a train-state extra (`extras['teacher']`, sharded like
   the parameters and checkpointed with them). It sees the 2 global crops, without drop-path and without
   gradients. After the optimizer update of step `t` (0-based, `T` total steps):
@@ -17,7 +17,7 @@
   `optim.freeze_steps` (set by `configs/simdino.py` to one epoch).
 
 Config keys read here: `model.{name, variant, head_hidden, head_dim, head_layers, prototypes, norm_last_layer,
-**ModelConfig overrides}`, `crops.*` (`crate_jax.data.multicrop.MultiCropAugment`; `crops.global_size` is
+**ModelConfig overrides}`, `crops.*` (`crate_jax.data.images.multicrop.MultiCropAugment`; `crops.global_size` is
 the backbone's resolution), `loss.{name='simdino', eps_sq, gamma, coeff, expa_type, logdet_dtype}` or
 `loss.{name='dino', teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, student_temp,
 center_momentum, epoch_steps}`, `teacher.{momentum, momentum_end}`, `data.*` (a classification source;
@@ -35,8 +35,8 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from crate_jax.data.multicrop import MultiCropAugment
-from crate_jax.models.config import ConfigError
+from crate_jax.data.images.multicrop import MultiCropAugment
+from crate_jax.errors import ConfigError
 from crate_jax.models.preprocess import normalize
 from crate_jax.models.self_distill import build_self_distill, self_distill_config, view_forward_flops
 from crate_jax.parallel.sharding import Axes
@@ -65,7 +65,7 @@ class SimDINOTask(TaskBase):
 
     def __init__(self, config: ConfigDict):
         super().__init__(config)
-        from crate_jax.data import loader
+        from crate_jax.data.images import loader
         self.loader = loader
         try:
             loader.resolve_config(config.data)
@@ -211,7 +211,7 @@ class SimDINOTask(TaskBase):
         return float(3 * student + 2 * view_forward_flops(c, a.global_size))
 
     def train_iterator(self, *, batch_size: int, process_index: int, process_count: int):
-        from crate_jax.data import multicrop
+        from crate_jax.data.images import multicrop
         return multicrop.make_train_iterator(self.config.data, self.augment, batch_size=batch_size,
                                              seed=self.config.seed, process_index=process_index,
                                              process_count=process_count)

@@ -17,7 +17,6 @@ Command line (train on local text files, one document per file):
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -134,8 +133,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.text.bpe",
-                                 description="Trains a byte-level BPE on local UTF-8 text files (one document each).")
+    from crate_jax.cli import tool_parser
+    ap = tool_parser("crate_jax.text.bpe", "Trains a byte-level BPE on local UTF-8 text files (one document each).")
     ap.add_argument("--input", nargs="+", required=True, help="text files to train the tokenizer on")
     ap.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size")
     ap.add_argument("--output", required=True, help="tokenizer.json to write")

@@ -20,7 +20,6 @@ the command line:
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Iterable, Sequence
 
@@ -187,8 +186,8 @@ def build_vocab_file(corpus: str | os.PathLike, out_path: str | os.PathLike,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m crate_jax.text.tokenizer",
-                                description="Writes a BERT-layout WordPiece vocab.txt from a caption file.")
+    from crate_jax.cli import tool_parser
+    p = tool_parser("crate_jax.text.tokenizer", "Writes a BERT-layout WordPiece vocab.txt from a caption file.")
     p.add_argument("--corpus", required=True, help="UTF-8 text file, one caption per line")
     p.add_argument("--out", required=True, help="vocab.txt to write")
     p.add_argument("--size", type=int, default=DEFAULT_VOCAB_SIZE,

@@ -1,4 +1,6 @@
-"""`python -m crate_jax.train --config configs/FILE.py[:ARGS] --workdir DIR [--config.KEY=VALUE ...]`.
+"""Train a model from a config file, or resume it from its workdir.
+
+    python -m crate_jax.train --config configs/FILE.py[:ARGS] --workdir DIR [--config.KEY=VALUE ...]
 
 Re-running the same command on the same workdir resumes from its newest restorable checkpoint.
 Launched as several processes (TPU pod, SLURM, or `--coordinator/--num-processes/--process-id`),
@@ -18,72 +20,48 @@ finished); 1 a bug.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shlex
 import sys
 
-USAGE = """usage: python -m crate_jax.train --config configs/FILE.py[:ARGS] --workdir DIR [--config.KEY=VALUE ...]
-           [--coordinator HOST:PORT --num-processes N --process-id I] [--local-devices N]
 
-  --config FILE.py[:ARGS]   a config file defining get_config(ARGS), e.g. configs/digits.py:steps=200
-                            (with --help, its docstring is printed too)
-  --workdir DIR             checkpoints, metrics.jsonl, tensorboard/, config.json, model.json (local or gs://)
-  --config.KEY=VALUE        override one config value, e.g. --config.optim.lr=1e-3 --config.model.scan=True
-  --coordinator/--num-processes/--process-id   start jax.distributed explicitly (multi-host on CPU/GPU)
-  --local-devices N         CPU only: simulate N local devices
-  --debug                   print the traceback of a failure"""
+def _parser() -> argparse.ArgumentParser:
+    from crate_jax.cli import tool_parser
+    from crate_jax.train import config_cli
+    p = tool_parser("crate_jax.train", __doc__, allow_abbrev=False)
+    config_cli.add_config_arguments(p)
+    p.add_argument("--workdir", required=True, metavar="DIR",
+                   help="checkpoints, metrics.jsonl, tensorboard/, config.json, model.json (local or gs://); "
+                        "the same command on the same workdir resumes")
+    multi = p.add_argument_group("multi-host", "start jax.distributed explicitly, e.g. on CPU / GPU hosts (all three "
+                                               "together; TPU pods and SLURM jobs are detected without them)")
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+    multi.add_argument("--num-processes", type=int, metavar="N", help="number of processes in the run")
+    multi.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
+    p.add_argument("--local-devices", type=int, metavar="N", help="CPU only: simulate N local devices")
+    return p
 
 
-def _maybe_initialize_distributed(argv: list[str]) -> list[str]:
-    """Consumes --coordinator/--num-processes/--process-id/--local-devices and initialises jax.distributed."""
-    opts, rest, i = {}, [], 0
-    names = {"--coordinator": "coordinator_address", "--num-processes": "num_processes",
-             "--process-id": "process_id", "--local-devices": "local_devices"}
-    while i < len(argv):
-        a = argv[i]
-        key = a.split("=", 1)[0]
-        if key in names:
-            if "=" not in a and i + 1 >= len(argv):
-                raise SystemExit(f"config error: {key} needs a value\n{USAGE}")
-            val = a.split("=", 1)[1] if "=" in a else argv[i + 1]
-            opts[names[key]] = val
-            i += 1 if "=" in a else 2
-            continue
-        rest.append(a)
-        i += 1
+def _maybe_initialize_distributed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Sets the local CPU device count and starts jax.distributed: from the multi-host flags, or when the
+    environment says this is one process of several (TPU pod, SLURM, CRATE_JAX_DISTRIBUTED=1)."""
+    given = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+             "--process-id": args.process_id}
+    missing = [flag for flag, value in given.items() if value is None]
+    if 0 < len(missing) < len(given):
+        parser.error(f"--coordinator, --num-processes and --process-id go together; missing {', '.join(missing)}")
     import jax
-    if "local_devices" in opts:
-        jax.config.update("jax_num_cpu_devices", int(opts.pop("local_devices")))
-    if opts:
-        missing = {"coordinator_address", "num_processes", "process_id"} - set(opts)
-        if missing:
-            raise SystemExit(f"config error: distributed start needs --coordinator, --num-processes and "
-                             f"--process-id together; missing {sorted(missing)}")
-        jax.distributed.initialize(coordinator_address=opts["coordinator_address"],
-                                   num_processes=int(opts["num_processes"]), process_id=int(opts["process_id"]))
+    if args.local_devices is not None:
+        jax.config.update("jax_num_cpu_devices", args.local_devices)
+    if not missing:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
     elif os.environ.get("CRATE_JAX_DISTRIBUTED") == "1" or \
             any(v in os.environ for v in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")) or \
             int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ:
         jax.distributed.initialize()
-    return rest
-
-
-def _help(argv: list[str]) -> str:
-    text = (__doc__ or "").strip() + "\n\n" + USAGE
-    from crate_jax.train import config_cli
-    try:
-        spec, _ = config_cli.take_option([a for a in argv if a not in ("-h", "--help")], "config")
-        if spec:
-            import importlib.util
-            path = config_cli.resolve_path(spec.partition(":")[0])
-            mod_spec = importlib.util.spec_from_file_location("_crate_jax_help_config", path)
-            module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)
-            text += f"\n\n{path}:\n{(module.__doc__ or '(no docstring)').strip()}"
-    except Exception as e:  # noqa: BLE001 - help must always print
-        text += f"\n\n(the config's docstring could not be read: {e})"
-    return text
 
 
 def main(argv=None) -> int:
@@ -110,31 +88,19 @@ def _quiet_library_tracebacks() -> None:
 
 
 def _main(argv: list[str], *, debug: bool = False) -> int:
-    if "-h" in argv or "--help" in argv:
-        print(_help(argv))
-        return 0
     command = shlex.join([os.path.basename(sys.executable), "-m", "crate_jax.train", *argv])
     from crate_jax.models import ConfigError
     from crate_jax.train import config_cli
-    try:
-        argv = _maybe_initialize_distributed(argv)
-        overrides, rest = config_cli.split_overrides(argv)
-        spec, rest = config_cli.take_option(rest, "config")
-        workdir, rest = config_cli.take_option(rest, "workdir")
-        if rest:
-            raise ConfigError(f"unknown arguments {rest}")
-        if spec is None or workdir is None:
-            raise ConfigError("--config and --workdir are both required")
-        config = config_cli.load_with_overrides(spec, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}\n\n{USAGE}", file=sys.stderr)
-        return 2
+    parser = _parser()
+    args, overrides = config_cli.parse_args(parser, argv)  # usage errors: exit 2 here
+    _maybe_initialize_distributed(args, parser)
+    config = config_cli.config_from_args(args, overrides)  # a ConfigError: `config error:`, exit 2
     from crate_jax.parallel.mesh import MeshError
     from crate_jax.train.loop import train_and_evaluate
     if not debug:
         _quiet_library_tracebacks()
     try:
-        out = train_and_evaluate(config, workdir, command=command)
+        out = train_and_evaluate(config, args.workdir, command=command)
     except MeshError as e:
         raise ConfigError(str(e)) from e
     if out.get("stop_signal") == "SIGINT":

@@ -17,10 +17,15 @@ config the same way:
   the engine reads (`ENGINE_KEYS`).
 
 Every problem is a `ConfigError` naming the file or key and what was expected.
+
+A tool's parser takes these flags with `add_config_arguments(parser)`; `parse_args(parser, argv)` parses
+its fixed flags and hands back the overrides (argparse's usage error, exit 2, for any other argument; with
+`--help`, the config file's docstring follows the options); `config_from_args(args, overrides)` loads it.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib.util
 import sys
@@ -28,7 +33,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 
 # Top-level keys the engine or a task reads; an override may add these even when a config omits them.
 ENGINE_KEYS = ("task", "seed", "res", "txt_len", "block", "batch_size", "total_steps", "num_epochs", "microbatches",
@@ -228,6 +233,64 @@ def take_option(argv: list[str], name: str) -> tuple[str | None, list[str]]:
             rest.append(a)
         i += 1
     return value, rest
+
+
+CONFIG_HELP = ("a config file defining get_config(ARGS), e.g. configs/digits.py:steps=200 (configs/X.py not in the "
+               "working directory: the bundled recipe X.py; with --help, the file's docstring is printed too)")
+OVERRIDES_HELP = ("--config.KEY=VALUE (or --config.KEY VALUE), repeatable: set one config value, e.g. "
+                  "--config.optim.lr=1e-3 --config.model.scan=True; an unknown key is named with the closest ones")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = True, default: str | None = None,
+                         help: str = CONFIG_HELP) -> None:
+    """`--config FILE.py[:ARGS]` on `parser`, and a help section for the `--config.KEY=VALUE` overrides (which
+    `parse_args` collects: argparse cannot name them in advance)."""
+    parser.add_argument("--config", metavar="FILE.py[:ARGS]", required=required, default=default, help=help)
+    parser.add_argument_group("config overrides", OVERRIDES_HELP)
+
+
+def _is_help(a: str) -> bool:
+    return a in ("-h", "--help")
+
+
+def config_doc(argv: list[str]) -> str:
+    """The docstring of the config file `--config` names in `argv`, for `--help` ("" without `--config`)."""
+    try:
+        spec, _ = take_option([a for a in argv if not _is_help(a)], "config")
+        if not spec:
+            return ""
+        path = resolve_path(spec.partition(":")[0])
+        module_spec = importlib.util.spec_from_file_location("_crate_jax_help_config", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return f"{path}:\n{(module.__doc__ or '(no docstring)').strip()}"
+    except Exception as e:  # noqa: BLE001 - help must always print
+        return f"(the config's docstring could not be read: {e})"
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+    """`parser`'s own flags out of `argv`, and the `--config.KEY=VALUE` overrides (in order) from the rest.
+    Any other argument is argparse's usage error (exit 2); `--help` prints the config file's docstring too."""
+    argv = list(argv)
+    if parser.usage is None:  # argparse's usage line, and the overrides it cannot list itself
+        parser.usage = f"{parser.format_usage().removeprefix('usage: ').rstrip()} [--config.KEY=VALUE ...]"
+    if any(map(_is_help, argv)):
+        doc = config_doc(argv)
+        if doc:
+            parser.epilog = f"{parser.epilog}\n\n{doc}" if parser.epilog else doc
+    args, rest = parser.parse_known_args(argv)
+    try:
+        overrides, unknown = split_overrides(rest)
+    except ConfigError as e:
+        parser.error(str(e))
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (config overrides are written --config.KEY=VALUE)")
+    return args, overrides
+
+
+def config_from_args(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> ConfigDict:
+    """The config `args.config` names with `overrides` applied (`ConfigError`: exit 2, `config error:`)."""
+    return load_with_overrides(args.config, overrides)
 
 
 def eprint(msg: str) -> None:

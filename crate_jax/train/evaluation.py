@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.parallel import sharding as sh
 from crate_jax.parallel.mesh import data_parallel_size
 from crate_jax.train import registry
@@ -47,8 +47,9 @@ class EvalState:
 
     @classmethod
     def of(cls, step: int, state: dict, graphdef, mesh: Mesh) -> "EvalState":
-        return cls(step=int(step), params=state["params"], buffers=state.get("buffers", {}),
-                   extras=state.get("extras", {}), graphdef=graphdef, mesh=mesh)
+        from crate_jax.train.state import state_parts
+        params, buffers, extras = state_parts(state)
+        return cls(step=int(step), params=params, buffers=buffers, extras=extras, graphdef=graphdef, mesh=mesh)
 
 
 def jit_on_model(graphdef, fn):
@@ -62,15 +63,9 @@ def summed_over(fn, state, batches, mesh: Mesh) -> dict:
     (per-process numpy batches), on the host; None when there is no batch."""
     total = None
     for batch in batches:
-        s = fn(state.params, state.buffers, global_batch(batch, mesh))
+        s = fn(state.params, state.buffers, sh.global_batch(batch, mesh))
         total = s if total is None else jax.tree.map(jax.numpy.add, total, s)
     return None if total is None else jax.device_get(total)
-
-
-def global_batch(local: dict, mesh: Mesh) -> dict:
-    """Per-process numpy batch -> one global jax.Array per key, batch axis over (data, fsdp)."""
-    return {k: jax.make_array_from_process_local_data(sh.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-            for k, v in local.items()}
 
 
 def eval_batch_size(config: ConfigDict, spec: ConfigDict, mesh: Mesh, key: str) -> int:

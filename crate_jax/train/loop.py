@@ -33,11 +33,12 @@ from ml_collections import ConfigDict
 
 from crate_jax import errors
 from crate_jax.checkpoint.training import TrainCheckpointer, as_path
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.parallel import mesh as mesh_lib
+from crate_jax.parallel.sharding import global_batch
 from crate_jax.train import metrics as M
 from crate_jax.train.defaults import engine_value
-from crate_jax.train.evaluation import EvalState, due, global_batch
+from crate_jax.train.evaluation import EvalState, due
 from crate_jax.train.resume import (DataStateCheck, config_changes, refuse_changed_stream,
                                     write_run_metadata)
 from crate_jax.train.setup import Setup, memory_report

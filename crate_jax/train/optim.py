@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 
 OPTIMIZERS = ("adamw", "lion")
 CLIP_MODES = ("global", "per_param")

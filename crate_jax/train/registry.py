@@ -11,10 +11,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 
 TASKS: dict[str, Any] = {
-    "classification": "crate_jax.train.classification:ClassificationTask",
+    "classification": "crate_jax.classify.task:ClassificationTask",
     "clip": "crate_jax.clip.task:ClipTask",
     "lm": "crate_jax.lm.task:LMTask",
     "mlm": "crate_jax.mlm.task:MLMTask",
@@ -24,7 +24,7 @@ TASKS: dict[str, Any] = {
 }
 
 EVALUATORS: dict[str, Any] = {
-    "classification": "crate_jax.train.classification:ClassificationEvaluator",
+    "classification": "crate_jax.classify.evaluators:ClassificationEvaluator",
     "zeroshot": "crate_jax.clip.zeroshot:ZeroShotEvaluator",
     "retrieval": "crate_jax.clip.zeroshot:RetrievalEvaluator",
     "lm_loss": "crate_jax.lm.evaluators:LMLossEvaluator",

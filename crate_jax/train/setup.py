@@ -12,23 +12,28 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from crate_jax.models import registry as model_registry
 from crate_jax.models.act_sharding import activation_mesh
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.parallel import sharding as sh
 from crate_jax.train import registry
 from crate_jax.train.defaults import engine_value
 from crate_jax.train.optim import build_optimizer
 from crate_jax.train.step import make_train_step
+from crate_jax.train.state import train_state
 from crate_jax.train.validate import check_batch, validate_config
 
 
-def make_task(config: ConfigDict):
-    """The task `config.task` names (see `crate_jax.train.registry`), built from the config."""
+def make_task(config: ConfigDict, mesh: Mesh | None = None):
+    """The task `config.task` names (see `crate_jax.train.registry`), built from the config once its engine keys
+    are valid (types and ranges; with `mesh`, the batch against it too: a task may open its data to read the
+    class count)."""
     validate_config(config)
+    if mesh is not None:
+        check_batch(config, mesh)
     return registry.task_class(engine_value(config, "task"))(config)
 
 
@@ -57,9 +62,7 @@ class Setup:
 
     def __init__(self, config: ConfigDict, mesh):
         self.config, self.mesh = config, mesh
-        validate_config(config)  # engine keys first (types and ranges, then the batch against the mesh):
-        check_batch(config, mesh)  # a task may open its data to read the class count
-        self.task = task = make_task(config)
+        self.task = task = make_task(config, mesh)
         if task.model_cfg is not None:  # exportable models declare their bundle kind
             model_registry.kind_of(task.model_cfg)
         task.validate(mesh)
@@ -76,14 +79,10 @@ class Setup:
         abstract_params = nnx.to_pure_dict(params_state)
         self.tx, self.lr_fn = build_optimizer(config.optim, abstract_params, self.total_steps, self.param_axes)
 
-        state_sh = {"step": sh.replicated(mesh), "params": self.param_sh,
-                    "opt_state": opt_state_shardings(self.tx, abstract_params, self.param_sh, mesh)}
-        if self.buffer_sh:
-            state_sh["buffers"] = self.buffer_sh
         extras = jax.eval_shape(task.init_extras, abstract_params)
-        if extras:
-            state_sh["extras"] = sh.axes_shardings(task.extras_axes(self.param_axes), extras, mesh)
-        self.state_sh = state_sh
+        self.state_sh = state_sh = train_state(
+            sh.replicated(mesh), self.param_sh, opt_state_shardings(self.tx, abstract_params, self.param_sh, mesh),
+            self.buffer_sh, sh.axes_shardings(task.extras_axes(self.param_axes), extras, mesh) if extras else None)
         shapes = jax.eval_shape(self.init_state, abstract_params, nnx.to_pure_dict(buffers_state))
         self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                            shapes, state_sh)
@@ -112,13 +111,9 @@ class Setup:
         return max(1, int(c.num_epochs * n // self.global_batch_size))
 
     def init_state(self, params, buffers):
-        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
-        if buffers:
-            state["buffers"] = buffers
         extras = self.task.init_extras(params)
-        if extras:
-            state["extras"] = _copy(extras)
-        return state
+        return train_state(jnp.zeros((), jnp.int32), params, self.tx.init(params), buffers,
+                           _copy(extras) if extras else None)
 
     def fresh_state(self, *, load_init: bool = True):
         """A new train state, initialised straight into its shardings (`config.seed`); with

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from crate_jax.train.state import state_parts, train_state
+
 
 def all_finite(tree) -> jax.Array:
     """One boolean: every element of every floating leaf of `tree` is finite."""
@@ -32,7 +34,7 @@ def make_train_step(graphdef, task, tx: optax.GradientTransformation, lr_fn, *, 
 
     def step(state, batch):
         rng = jax.random.fold_in(jax.random.key(seed), state["step"])
-        params, buffers, extras = state["params"], state.get("buffers", {}), state.get("extras", {})
+        params, buffers, extras = state_parts(state)
         if microbatches == 1:
             (loss, (metrics, aux)), grads = grad_fn(params, buffers, batch, rng, extras)
         else:
@@ -51,11 +53,8 @@ def make_train_step(graphdef, task, tx: optax.GradientTransformation, lr_fn, *, 
             (loss, (metrics, aux)), grads = jax.tree.map(lambda x: x / microbatches, total)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        new = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
-        if "buffers" in state:
-            new["buffers"] = buffers
-        if "extras" in state:
-            new["extras"] = task.update_extras(extras, new_params, state["step"], aux)
+        new = train_state(state["step"] + 1, new_params, opt_state, buffers,
+                          task.update_extras(extras, new_params, state["step"], aux) if extras else None)
         finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(new_params) & all_finite(new.get("extras", {}))
         metrics = dict(metrics)
         metrics.update({"train/loss": loss, "train/lr": lr_fn(state["step"]),

@@ -17,7 +17,9 @@ The train state the engine keeps is a plain dict of arrays (what Orbax checkpoin
      'buffers': ...,   # every non-Param variable of the model (fixed tables, statistics), if any
      'extras': ...}    # the task's own state (an EMA teacher, running buffers), if any
 
-Every part is sharded by the same logical-axis rules (`crate_jax.parallel.sharding`).
+Every part is sharded by the same logical-axis rules (`crate_jax.parallel.sharding`). `train_state`
+(`crate_jax/train/state.py`) is the one place that layout is written: the fresh state, its shardings and the step's output all go
+through it, and `state_parts` reads it back.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from typing import Mapping
 import numpy as np
 
 from crate_jax.models.bert import BERT_VARIANTS, BertConfig, bert_config
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.weights.layouts import flatten_tree
 from crate_jax.weights.layout_check import raise_on_mismatch
 from crate_jax.weights.readers import WeightsError, read_tensors
@@ -146,7 +146,7 @@ def layout_problems(fmt: str, cfg) -> list[str]:
         return [f"it is not a {model} encoder (the {fmt} layout holds {model} models)"]
     official = dict(TABLES[fmt], eta=0.1, lmbda=0.1) if model == "crate_bert" else dict(TABLES[fmt])
     if model == "crate_bert":
-        official["block_ln_eps"] = 1e-5
+        official["ln_eps"] = 1e-5
     out = [f"{k}={getattr(cfg, k)!r} (the official model has {k}={v!r})" for k, v in official.items()
            if getattr(cfg, k) != v]
     if cfg.num_labels and fmt != "bert-hf":

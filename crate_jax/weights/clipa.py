@@ -17,7 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.models.text import TEXT_VARIANTS, TextConfig
 from crate_jax.models.two_tower import TwoTowerConfig
 from crate_jax.weights import layouts
@@ -83,7 +83,7 @@ def infer_text_config(tensors: Mapping[str, np.ndarray], source: str) -> tuple[T
     ids = [int(mt.group(1)) for mt in map(re.compile(r"^txt/Transformer/encoderblock_(\d+)/").match, shapes) if mt]
     depth = max(ids) + 1
     name = next((n for n, v in TEXT_VARIANTS.items() if v == (w, depth, K, m)), "custom")
-    return TextConfig(model="transformer", variant=name, width=w, depth=depth, num_heads=K, mlp_dim=m,
+    return TextConfig.build(model="transformer", variant=name, width=w, depth=depth, num_heads=K, mlp_dim=m,
                       vocab_size=vocab, max_len=L, pool="last", pad_mask=False, causal=False), out_dim
 
 

@@ -28,7 +28,7 @@ from typing import Mapping
 
 import numpy as np
 
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.models.mae import MAE_VARIANTS, MAEConfig, mae_sincos_2d
 from crate_jax.weights.readers import WeightsError, read_tensors
 
@@ -120,7 +120,7 @@ def infer_config(tensors: Mapping[str, np.ndarray], source: str = "weights", **o
         fields["decoder_depth"] = 0
     fields.update(overrides)
     try:
-        return MAEConfig(**fields)
+        return MAEConfig.build(**fields)
     except (ConfigError, TypeError) as e:
         raise WeightsError(f"{source}: the shapes give a CRATE-MAE config that does not build: {e}") from e
 

@@ -35,7 +35,7 @@ from typing import Mapping
 
 import numpy as np
 
-from crate_jax.models.config import ConfigError
+from crate_jax.errors import ConfigError
 from crate_jax.models.lm import LM_VARIANTS, LMConfig, lm_config
 from crate_jax.weights.layouts import flatten_tree
 from crate_jax.weights.layout_check import raise_on_mismatch

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from crate_jax.data.batching import pad_rows
-from crate_jax.data.captions import pick_caption
 from crate_jax.data.crops import decode_inception_crop, decode_resize_small_crop
 from crate_jax.data.decode import DecodeError
+from crate_jax.data.image_text.captions import pick_caption
 
 
 def skip(kind: str, message: str) -> dict[str, str]:

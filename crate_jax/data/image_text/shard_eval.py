@@ -1,7 +1,7 @@
 """Eval iterator over webdataset image-text shards: one ordered, centre-cropped pass in padded batches.
 
 Each process reads its shards (shard ``i`` belongs to process ``i % process_count``) in listed
-order; the first caption and an optional json label come with each image (``image_text_rows``).
+order; the first caption and an optional json label come with each image (``rows``).
 With several processes every one runs the same number of batches (a header-only count of all
 shards, :func:`eval_num_batches`), the last ones padded and masked.
 """
@@ -17,8 +17,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from crate_jax.data.batching import SkipCounter
-from crate_jax.data.captions import parse_captions
-from crate_jax.data.image_text_rows import eval_batch, eval_row
+from crate_jax.data.image_text.captions import parse_captions
+from crate_jax.data.image_text.rows import eval_batch, eval_row
 from crate_jax.data.shard_patterns import check_filesystems, expand_pattern
 from crate_jax.data.shard_stream import process_shards
 from crate_jax.data.tar_reader import RawSample, ShardError, count_samples, iter_shard
@@ -61,7 +61,7 @@ class EvalIterator(Iterator[dict[str, Any]]):
         return self._stats.snapshot()
 
     def _prepare(self, s: RawSample) -> dict[str, Any]:
-        """A row or a skip marker (``image_text_rows``). Runs in the decode threads."""
+        """A row or a skip marker (``rows``). Runs in the decode threads."""
         label_key = self.label_key
         return eval_row(f"{s.path}: sample {s.key!r}", f"{s.path}:{s.key}", s.image, parse_captions(s.text, s.json),
                         need_caption=self.tokenizer is not None or self.with_captions,

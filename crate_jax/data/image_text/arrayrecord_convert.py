@@ -1,23 +1,22 @@
 """Convert webdataset tar shards into a TFDS-format ArrayRecord dataset (CLIPA's data layout).
 
-``python -m crate_jax.data.arrayrecord_convert --shards 'shards/{00000..00009}.tar' --out DIR``
+``python -m crate_jax.data.image_text.arrayrecord_convert --shards 'shards/{00000..00009}.tar' --out DIR``
 
 writes a TFDS dataset directory whose examples have the features CLIPA reads (docs/clipa.md §Recipes):
 ``jpg`` (the image, stored as the original encoded bytes, not re-encoded) and ``txt`` (the caption
 text; several captions stay one per line), plus ``key`` (``'{shard index:06d}/{sample key}'``) and
 ``json`` (the raw metadata string, '' if none). ``DIR`` is the builder directory itself:
-``tfds.builder_from_directory(DIR)`` opens it, and ``crate_jax.data.tfds_captions`` reads it with
+``tfds.builder_from_directory(DIR)`` opens it, and ``crate_jax.data.image_text.tfds_captions`` reads it with
 random access through grain (``builder.as_data_source``). No TensorFlow is needed.
 
 Samples are written in shard order (TFDS's write-time shuffle is off; readers shuffle globally by
 index). Samples without image or caption and unreadable or truncated shards are skipped and
-counted, as the tar reader does; ``--verify_images`` also decodes every image and drops the ones PIL
+counted, as the tar reader does; ``--verify-images`` also decodes every image and drops the ones PIL
 cannot read.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import os
@@ -29,9 +28,9 @@ from typing import Any
 from crate_jax import errors
 from crate_jax.checkpoint.outputs import atomic_output_dir, check_destination, check_output
 from crate_jax.data.batching import SkipCounter
-from crate_jax.data.captions import parse_captions
 from crate_jax.data.decode import DecodeError, decode_image
-from crate_jax.data.image_text_rows import missing, skip
+from crate_jax.data.image_text.captions import parse_captions
+from crate_jax.data.image_text.rows import missing, skip
 from crate_jax.data.shard_patterns import check_filesystems, expand_pattern
 from crate_jax.data.tar_reader import ShardError, iter_shard
 
@@ -66,7 +65,7 @@ def _builder_class():
                 builder=self,
                 disable_shuffling=True,  # keep shard order; training shuffles by index
                 description="Image-text pairs converted from webdataset tar shards by "
-                            "crate_jax.data.arrayrecord_convert.",
+                            "crate_jax.data.image_text.arrayrecord_convert.",
                 features=tfds.features.FeaturesDict({
                     "jpg": tfds.features.Image(encoding_format="jpeg"),
                     "txt": tfds.features.Text(),
@@ -143,12 +142,13 @@ def convert(pattern: str | Sequence[str], out_dir: str | os.PathLike, *, split: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from crate_jax.cli import tool_parser
+    p = tool_parser("crate_jax.data.image_text.arrayrecord_convert", __doc__)
     p.add_argument("--shards", required=True, action="append",
                    help="shard pattern, e.g. 'shards/{00000..01023}.tar' (may repeat)")
     p.add_argument("--out", required=True, help="output dataset directory (opened with builder_from_directory)")
     p.add_argument("--split", default="train", help="name of the split written")
-    p.add_argument("--verify-images", "--verify_images", dest="verify_images", action="store_true", help="decode every image, drop unreadable ones")
+    p.add_argument("--verify-images", dest="verify_images", action="store_true", help="decode every image, drop unreadable ones")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier dataset in --out (swapped in only once the new one is complete)")
     p.add_argument("--keep-old", action="store_true",

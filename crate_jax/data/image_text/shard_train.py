@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from crate_jax.data.batching import SkipCounter
-from crate_jax.data.captions import parse_captions
-from crate_jax.data.image_text_rows import missing, train_batch, train_row
+from crate_jax.data.image_text.captions import parse_captions
+from crate_jax.data.image_text.rows import missing, train_batch, train_row
 from crate_jax.data.seeding import sample_rng
 from crate_jax.data.shard_patterns import check_filesystems, expand_pattern
 from crate_jax.data.shard_stream import ShardStream, process_shards

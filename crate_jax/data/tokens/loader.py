@@ -1,4 +1,4 @@
-"""Reading the token shards of `crate_jax.data.text_prepare`: random train windows, ordered eval windows.
+"""Reading the token shards of `crate_jax.data.tokens.prepare`: random train windows, ordered eval windows.
 
 Train (`make_train_iterator`): the train split's tokens, concatenated in shard order, are cut into one
 contiguous range per process, `[N·p/P, N·(p+1)/P)`; process `p` draws windows of `block + 1` tokens
@@ -27,7 +27,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from crate_jax.data.text_prepare import FORMAT, MANIFEST, SPLITS
+from crate_jax.data.tokens.prepare import FORMAT, MANIFEST, SPLITS
 
 
 class TokenDataError(ValueError):
@@ -87,7 +87,7 @@ class TokenDataset:
         path = self.dir / MANIFEST
         if not path.is_file():
             raise TokenDataError(f"{self.dir}: no {MANIFEST}; expected a directory written by "
-                                 f"`python -m crate_jax.data.text_prepare`")
+                                 f"`python -m crate_jax.data.tokens.prepare`")
         try:
             self.manifest = json.loads(path.read_text())
         except json.JSONDecodeError as e:

@@ -49,7 +49,7 @@ def preprocess(img: Image.Image, spec: dict) -> np.ndarray:
     """One RGB image -> float32 `[S, S, 3]` by a `preprocess.json` image spec
     (`crate_jax.checkpoint.describe.image_preprocess`): the data loader's own eval transform, then
     `(x * scale - mean) / std`."""
-    from crate_jax.data.augment import EvalPreprocess
+    from crate_jax.data.images.augment import EvalPreprocess
     size = int(spec["size"])
     small = spec.get("resize_small") if spec.get("resize") != "resize" else None
     x = EvalPreprocess(size, int(small) if small else None)(img).astype(np.float32)

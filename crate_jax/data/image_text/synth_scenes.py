@@ -19,7 +19,7 @@ with luminance kept away from the object's, objects are at least a quarter of th
 distractors are small and neutral; so the visual problem is colour plus coarse shape, which a small
 CRATE-alpha can learn in minutes on a CPU, while held-out compositions still test generalisation.
 
-Output (``generate`` / ``python -m crate_jax.data.synth_scenes --out DIR``)::
+Output (``generate`` / ``python -m crate_jax.data.image_text.synth_scenes --out DIR``)::
 
   DIR/train/00000.tar ...   members {key}.jpg, {key}.txt, {key}.json (json has 'label' etc.)
   DIR/eval/00000.tar ...    held-out compositions only
@@ -38,7 +38,6 @@ Everything is a pure function of the seed: shard ``i`` of a split depends only o
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import io
 import json
@@ -316,7 +315,7 @@ def load_task(out_dir: str | os.PathLike) -> dict[str, Any]:
     path = os.path.join(out_dir, "classes.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found; generate the scenes first: "
-                                f"python -m crate_jax.data.synth_scenes --out {out_dir}")
+                                f"python -m crate_jax.data.image_text.synth_scenes --out {out_dir}")
     with open(path, encoding="utf-8") as f:
         info = json.load(f)
     for key in ("train_pattern", "eval_pattern", "captions", "vocab"):
@@ -333,8 +332,8 @@ def vocab_command(out_dir: str | os.PathLike) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from crate_jax.cli import tool_parser
+    p = tool_parser("crate_jax.data.image_text.synth_scenes", __doc__)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--train-samples", type=int, default=20_000, help="training images")
     p.add_argument("--eval-samples", type=int, default=2_000, help="held-out images")

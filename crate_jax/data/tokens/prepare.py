@@ -1,7 +1,7 @@
 """Tokenise plain-text, JSONL or Parquet files into token shards with a manifest and a held-out split.
 
-    python -m crate_jax.data.text_prepare --input 'owt/*.parquet' --tokenizer gpt2/ --output data/owt
-    python -m crate_jax.data.text_prepare --input corpus.jsonl --train-tokenizer 8192 --output data/mine
+    python -m crate_jax.data.tokens.prepare --input 'owt/*.parquet' --tokenizer gpt2/ --output data/owt
+    python -m crate_jax.data.tokens.prepare --input corpus.jsonl --train-tokenizer 8192 --output data/mine
 
 Inputs (`--input`: files, directories, glob patterns; `.gz` / `.xz` / `.bz2` compressed text and JSONL
 too): a `.txt` file is one document; a `.jsonl` file holds one JSON object per line with the text
@@ -28,12 +28,11 @@ or nothing; `--overwrite` replaces an existing one, `--keep-old` keeps it as `DI
 
 Bad input stops with an error naming the file: an empty file, text that is not UTF-8 (with the byte
 offset), a JSONL line that is not JSON or lacks the text key, a Parquet file without the column.
-`crate_jax.data.text_tokens` reads the result.
+`crate_jax.data.tokens.loader` reads the result.
 """
 
 from __future__ import annotations
 
-import argparse
 import bz2
 import glob
 import gzip
@@ -304,9 +303,8 @@ def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    head, _, rest = __doc__.partition("\n\n")
-    ap = argparse.ArgumentParser(prog="python -m crate_jax.data.text_prepare", description=head, epilog=rest,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from crate_jax.cli import tool_parser
+    ap = tool_parser("crate_jax.data.tokens.prepare", __doc__)
     ap.add_argument("--input", nargs="+", required=True, help="files, directories or glob patterns")
     ap.add_argument("--output", required=True, help="a new directory")
     ap.add_argument("--tokenizer", help="GPT-2 vocab.json + merges.txt directory, or a tokenizer.json")

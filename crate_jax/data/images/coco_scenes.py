@@ -1,10 +1,10 @@
 """Synthetic multi-object scenes in COCO format (and VOC-style class masks), for segmentation scoring offline.
 
-Each image draws 2..`max_objects` coloured shapes of `crate_jax.data.synth_scenes` (its colours, shapes and
+Each image draws 2..`max_objects` coloured shapes of `crate_jax.data.image_text.synth_scenes` (its colours, shapes and
 desaturated gradient backgrounds with neutral clutter) at random places and sizes; later objects occlude
 earlier ones and every object's visible mask is known exactly.
 
-    python -m crate_jax.data.coco_scenes --out DIR [--images 50 --image-size 64 --seed 0]
+    python -m crate_jax.data.images.coco_scenes --out DIR [--images 50 --image-size 64 --seed 0]
 
 writes
 
@@ -19,7 +19,6 @@ Everything is a pure function of the arguments (image `i` depends only on `(seed
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -29,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from crate_jax.data.image_text.synth_scenes import _BACKGROUNDS, _NEUTRALS, COLOURS, SHAPES, _shape_points
 from crate_jax.data.seeding import sample_rng
-from crate_jax.data.synth_scenes import _BACKGROUNDS, _NEUTRALS, COLOURS, SHAPES, _shape_points
 
 _SUPERSAMPLE = 2
 MIN_VISIBLE = 0.004  # objects occluded below this fraction of the image are left out of the annotations
@@ -138,7 +137,8 @@ def write(out_dir: str | os.PathLike, *, num_images: int = 50, image_size: int =
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from crate_jax.cli import tool_parser
+    p = tool_parser("crate_jax.data.images.coco_scenes", __doc__)
     p.add_argument("--out", required=True, help="output directory (instances.json, images/, masks/)")
     p.add_argument("--images", type=int, default=50, help="number of scenes")
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels")

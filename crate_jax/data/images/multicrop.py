@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from crate_jax.data import classification
 from crate_jax.data.crops import inception_crop
 from crate_jax.data.decode import decode_record, to_array
-from crate_jax.data.loader import TrainIterator, resolve_config, to_iter_dataset, train_stream
+from crate_jax.data.images import classification
+from crate_jax.data.images.loader import TrainIterator, resolve_config, to_iter_dataset, train_stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +132,7 @@ class MultiCropTransform:
 def make_train_iterator(data_cfg, augment: MultiCropAugment, *, batch_size: int, seed: int, process_index: int = 0,
                         process_count: int = 1) -> TrainIterator:
     """This process's infinite, exactly resumable stream of multi-crop batches from `data_cfg.train_split` of
-    any classification source (`crate_jax.data.classification`)."""
+    any classification source (`crate_jax.data.images.classification`)."""
     cfg = resolve_config(data_cfg)
     source = classification.make_source(cfg, cfg.train_split, "train_split")
     stream = train_stream(source, MultiCropTransform(augment), seed=seed, process_index=process_index,

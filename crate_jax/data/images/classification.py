@@ -7,7 +7,7 @@ grain ``RandomAccessDataSource``. A record is a dict
 
 or, when the example could not even be read, ``{'error': str, 'id': str}``. ``id`` names the
 example in warnings (file name, tfds file name or ``name/split[index]``). Decoding happens
-later (``crate_jax.data.loader``), so undecodable images are caught in one place.
+later (``crate_jax.data.images.loader``), so undecodable images are caught in one place.
 
 Sources:
   * ``digits``: scikit-learn's bundled handwritten digits (1,797 real 8x8 images, 10

@@ -13,10 +13,10 @@ Every process walks the same global order and takes every ``process_count``-th e
 epoch is covered once across processes. The iterator's state is grain's position plus the skip
 counts: ``set_state`` gives exactly the batches of the uninterrupted run.
 
-The train and eval iterators have the API of ``crate_jax.data.shard_train`` / ``shard_eval`` (same
+The train and eval iterators have the API of ``crate_jax.data.image_text.shard_train`` / ``shard_eval`` (same
 batch layout, same ``get_state`` / ``set_state`` / ``stats``, the same per-sample ops from
-``image_text_rows``), with a dataset directory and split in place of a shard pattern.
-``crate_jax.data.arrayrecord_convert`` writes such directories from webdataset shards.
+``rows``), with a dataset directory and split in place of a shard pattern.
+``crate_jax.data.image_text.arrayrecord_convert`` writes such directories from webdataset shards.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import grain
 import numpy as np
 
 from crate_jax.data.batching import SkipCounter
-from crate_jax.data.captions import parse_captions
-from crate_jax.data.image_text_rows import eval_batch, eval_row, train_batch, train_row
+from crate_jax.data.image_text.captions import parse_captions
+from crate_jax.data.image_text.rows import eval_batch, eval_row, train_batch, train_row
 from crate_jax.data.seeding import sample_rng
 
 STATE_VERSION = 1
@@ -79,7 +79,7 @@ def _image_bytes(example: Mapping[str, Any]) -> bytes | None:
 
 
 class _TrainTransform:
-    """Example + rng -> ``{'image' [S, S, 3], 'caption', 'key'}`` or a skip marker (``image_text_rows``)."""
+    """Example + rng -> ``{'image' [S, S, 3], 'caption', 'key'}`` or a skip marker (``rows``)."""
 
     def __init__(self, image_size: int, area_min: float, area_max: float, fast_decode: bool, name: str):
         self.image_size, self.area_min, self.area_max = image_size, area_min, area_max
@@ -182,7 +182,7 @@ def make_train_iterator(
 ) -> TfdsTrainIterator:
     """This process's endless train iterator over a TFDS directory (see the module docstring).
 
-    Args as ``crate_jax.data.shard_train.make_train_iterator``; ``data_dir`` is the builder directory
+    Args as ``crate_jax.data.image_text.shard_train.make_train_iterator``; ``data_dir`` is the builder directory
     (with ``dataset_info.json``), ``split`` e.g. ``'train'`` or ``'full'``. The shuffle is a full
     global permutation per epoch, so there is no shuffle buffer. ``prefetch`` is in batches.
     ``with_keys`` adds ``'key'``: the ``key`` feature if the dataset has one, else the index.
@@ -197,7 +197,7 @@ def make_train_iterator(
 
 
 class _EvalTransform:
-    """Example -> eval row or skip marker (``image_text_rows.eval_row``)."""
+    """Example -> eval row or skip marker (``rows.eval_row``)."""
 
     def __init__(self, image_size: int, label_key: str | None, need_caption: bool, fast_decode: bool, name: str):
         self.image_size, self.label_key, self.need_caption = image_size, label_key, need_caption
@@ -219,7 +219,7 @@ class TfdsEvalIterator(Iterator[dict[str, Any]]):
     """One ordered pass over this process's contiguous block ``[N p / P, N (p+1) / P)``.
 
     Every process yields ``ceil(ceil(N / P) / B)`` batches; batch layout as
-    ``crate_jax.data.shard_eval.EvalIterator`` (``image``, ``mask``, optional ``text``, ``label``,
+    ``crate_jax.data.image_text.shard_eval.EvalIterator`` (``image``, ``mask``, optional ``text``, ``label``,
     ``caption``, ``key``).
     """
 

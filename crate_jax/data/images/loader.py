@@ -36,10 +36,10 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from crate_jax.data import augment, classification
 from crate_jax.data.batching import SkipCounter, pad_rows, stack_rows
-from crate_jax.data.classification import default_data_config, resolve_config
 from crate_jax.data.decode import decode_record
+from crate_jax.data.images import augment, classification
+from crate_jax.data.images.classification import default_data_config, resolve_config
 
 __all__ = [
     "default_data_config",

@@ -1,0 +1,131 @@
+"""Choosing a recipe's layout for a TPU slice by compiling it: the candidates, and how they are ranked.
+
+`python -m crate_jax.aot --plan` compiles each candidate `Layout` (how the chips split into data / fsdp /
+tensor axes, the remat policy, the microbatch count) for the target slice, drops those that do not fit in
+HBM and ranks the rest by their roofline bound (`crate_jax.parallel.hlo_cost.Roofline`: max of compute,
+HBM and interconnect time per chip). This module knows nothing about compiling: `search` takes a
+`compile_one(layout) -> Measured` callback (the CLI's libtpu or simulated-CPU compile).
+
+The search is greedy per mesh split, cheapest recompute first: for each split it compiles remat 'none',
+and only when that does not fit 'dots', then 'full', then more microbatches. A split whose global batch
+does not divide over its data-parallel chips is not a candidate. So a plan is a handful of compiles, not the
+product of every option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+
+REMAT_ORDER = ("none", "dots", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One way to run a recipe on a slice."""
+
+    data: int
+    fsdp: int
+    tensor: int = 1
+    remat: str = "none"
+    microbatches: int = 1
+
+    @property
+    def name(self) -> str:
+        mesh = "×".join(f"{k} {v}" for k, v in (("data", self.data), ("fsdp", self.fsdp), ("tensor", self.tensor))
+                        if v > 1) or "1 chip"
+        return mesh + f", remat {self.remat}" + (f", {self.microbatches} microbatches" if self.microbatches > 1 else "")
+
+    def overrides(self, remat_keys: Iterable[str]) -> dict[str, object]:
+        """Config keys → values that select this layout (`remat_keys`: every `remat` key of the config's model)."""
+        out: dict[str, object] = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor,
+                                  "microbatches": self.microbatches}
+        out.update({k: self.remat for k in remat_keys})
+        return out
+
+
+@dataclasses.dataclass
+class Measured:
+    """What one compile of a layout gave (per chip), or why it gave nothing."""
+
+    layout: Layout
+    total_bytes: float | None = None  # live HBM per chip (arguments + outputs − aliased + temporaries + code)
+    hbm_bytes: float = 0.0
+    bound_s: float | None = None  # roofline bound of one step
+    binding: str = ""  # the term that binds: compute / memory / communication
+    mfu: float | None = None  # analytic model FLOPs / (peak × bound)
+    compile_s: float = 0.0
+    error: str | None = None  # the compiler's out-of-memory message, or another reason it was dropped
+
+    @property
+    def fits(self) -> bool:
+        return self.error is None and self.total_bytes is not None and self.total_bytes <= self.hbm_bytes
+
+
+def splits(chips: int, global_batch: int, *, tensors: Iterable[int] = (1,), hybrids: Iterable[int] = (8,),
+           width: int | None = None) -> list[Layout]:
+    """The mesh splits worth compiling: pure data parallel, pure FSDP, and data × fsdp for each fsdp size in
+    `hybrids` that divides the chips (8 by default: FSDP within a group of 8 chips, data parallel across);
+    times each tensor width that divides the chips (and the model width). A split is kept only when the
+    global batch divides over its data × fsdp chips."""
+    out = []
+    for t in sorted(set(tensors)):
+        if t < 1 or chips % t or (width is not None and width % t):
+            continue
+        n = chips // t
+        fsdps = {1, n} | {f for f in hybrids if 1 < f < n and n % f == 0}
+        for f in sorted(fsdps):
+            if global_batch % n == 0:
+                out.append(Layout(data=n // f, fsdp=f, tensor=t))
+    return out
+
+
+def search(compile_one: Callable[[Layout], Measured], split_list: Iterable[Layout], *,
+           remats: Iterable[str] = REMAT_ORDER, microbatches: Iterable[int] = (2, 4),
+           global_batch: int | None = None, log: Callable[[str], None] = lambda s: None) -> list[Measured]:
+    """Compiles each split with the cheapest remat that fits (then more microbatches at remat 'full'); returns
+    every compile's result, ranked (`rank`)."""
+    remats = [r for r in REMAT_ORDER if r in set(remats)]
+    results = []
+    for base in split_list:
+        tries = [dataclasses.replace(base, remat=r) for r in remats]
+        dp = base.data * base.fsdp
+        tries += [dataclasses.replace(base, remat=remats[-1], microbatches=m) for m in microbatches
+                  if global_batch is None or (global_batch // dp) % m == 0]
+        for layout in tries:
+            m = compile_one(layout)
+            results.append(m)
+            log(line(m))
+            if m.fits:
+                break
+    return rank(results)
+
+
+def rank(results: list[Measured]) -> list[Measured]:
+    """Fitting layouts first, fastest bound first; then the rest by how far over HBM they are."""
+    return sorted(results, key=lambda m: (not m.fits, m.bound_s if m.fits and m.bound_s is not None else math.inf,
+                                          m.total_bytes or math.inf))
+
+
+def line(m: Measured) -> str:
+    mem = "?" if m.total_bytes is None else f"{m.total_bytes / 2**30:.1f}"
+    if not m.fits:
+        why = m.error or f"needs {mem} GiB of {m.hbm_bytes / 2**30:.0f}"
+        return f"{m.layout.name}: does not fit ({why.splitlines()[0][:120]}; compiled in {m.compile_s:.0f}s)"
+    mfu = "" if m.mfu is None else f", MFU at the bound {100 * m.mfu:.0f}%"
+    return (f"{m.layout.name}: {mem} of {m.hbm_bytes / 2**30:.0f} GiB, step >= {1e3 * m.bound_s:.1f} ms "
+            f"({m.binding}-bound{mfu}; compiled in {m.compile_s:.0f}s)")
+
+
+def table(results: list[Measured]) -> str:
+    """The ranked plan as a markdown table."""
+    rows = ["| rank | layout | per-chip HBM GiB | step bound ms | binds | MFU at bound | fits |",
+            "|---|---|---|---|---|---|---|"]
+    for i, m in enumerate(rank(results), 1):
+        mem = "?" if m.total_bytes is None else f"{m.total_bytes / 2**30:.1f} / {m.hbm_bytes / 2**30:.0f}"
+        bound = "" if m.bound_s is None or not m.fits else f"{1e3 * m.bound_s:.1f}"
+        mfu = "" if m.mfu is None or not m.fits else f"{100 * m.mfu:.0f} %"
+        rows.append(f"| {i if m.fits else ''} | {m.layout.name} | {mem} | {bound} | {m.binding if m.fits else ''} | "
+                    f"{mfu} | {'yes' if m.fits else 'no'} |")
+    return "\n".join(rows)
