@@ -235,16 +235,17 @@ def compile_report(config, devices, *, target: str, backend: str, estimate: bool
     try:
         setup = Setup(config, mesh)  # the task takes the class count from config.model.num_classes
     except ClassCountUnavailable as e:
-        raise RuntimeError(f"{e}. The only thing the AOT compile needs from the data is the class count: "
-                           f"pass --num-classes N or set config.model.num_classes") from e
+        raise errors.UsageError(f"{e}. The only thing the AOT compile needs from the data is the class count: "
+                                f"pass --num-classes N or set config.model.num_classes") from e
     except (ConfigError, MeshError):
         raise
     except Exception as e:
-        if "model" in config and config.model.get("num_classes") is None:
-            raise RuntimeError(f"building the train step read the dataset (config.data = {dict(config.data)}) and "
-                               f"failed: {type(e).__name__}: {e}. The only thing it needs from the data is the "
-                               f"class count: pass --num-classes N or set config.model.num_classes") from e
-        raise
+        if "model" in config and "num_classes" in config.model and config.model.num_classes is None:
+            raise errors.UsageError(
+                f"building the train step read the dataset (config.data = {dict(config.data)}) and failed: "
+                f"{type(e).__name__}: {e}. The only thing it needs from the data is the class count: pass "
+                f"--num-classes N or set config.model.num_classes") from e
+        raise  # a bad input the task names (a vocab file, a path): errors.classify reports it
     task = setup.task
     analytic = float(task.flops_per_example()) * setup.global_batch_size
     loops = tuple(name for name, on in (

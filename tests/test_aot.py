@@ -106,7 +106,8 @@ def test_simulated_report_is_the_sharded_state_and_needs_no_data():
 def test_data_access_failure_says_how_to_avoid_it():
     c = tiny_config()
     c.data.source = "folder"  # no data_dir: any read of the data fails
-    with pytest.raises(RuntimeError, match="--num-classes N"):
+    from crate_jax.errors import UsageError
+    with pytest.raises(UsageError, match="--num-classes N"):  # a usage error (exit 2), not a bug
         aot.aot_report(c, "v5e-4", simulate=True)
 
 
