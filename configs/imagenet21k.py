@@ -10,25 +10,32 @@ Adam(0.9, 0.95) with a bf16 first moment, clip 1.0, mixup/cutmix every step, Inc
     python launch/tpu_vm.py run crate-in21k --zone us-east5-a --project PROJECT --accelerator-type v5p-128 \\
         --config configs/imagenet21k.py:variant=L/14,data_dir=gs://BUCKET/tfds --workdir gs://BUCKET/runs/l14_in21k
 
-Args: variant (default L/14), model=crate_alpha|crate|vit, res, batch, epochs, data_dir, fsdp, tensor.
+Args: variant (default L/14), model=crate_alpha|crate|vit, res, batch, epochs, data_dir, fsdp, tensor, remat
+(none | dots | full). `fsdp` and `remat` default to the layout `python -m crate_jax.aot --plan` chose on a v5p-128
+where one was measured (`PLANNED`, bench/RESULTS.md "A plan per recipe"), else data parallelism with full remat.
 """
 
 from ml_collections import ConfigDict
 
 from crate_jax.configs.common import base_config, parse_args
 
+# variant -> (fsdp, remat) chosen by `aot --plan --topology v5p-128` at batch 4096 (bench/RESULTS.md)
+PLANNED = {"B/16": (8, "none")}
+
 
 def get_config(arg: str = ""):
     a = parse_args(arg, variant="L/14", model="crate_alpha", res=224, batch=4096, epochs=91, data_dir="",
-                   fsdp=1, tensor=1, steps=0)
+                   fsdp=0, tensor=1, steps=0, remat="")
+    fsdp, remat = PLANNED.get(a.variant, (1, "full"))
+    fsdp, remat = a.fsdp or fsdp, a.remat or remat
     c = base_config()
     c.res = a.res
-    c.model = ConfigDict(dict(name=a.model, variant=a.variant, num_classes=19_167, dtype="bfloat16", remat="full",
+    c.model = ConfigDict(dict(name=a.model, variant=a.variant, num_classes=19_167, dtype="bfloat16", remat=remat,
                               scan=True))  # the winter-2021 release (docs/vision.md §Recipes)
     c.data = ConfigDict(dict(source="tfds", name="imagenet21k", data_dir=a.data_dir or None,
                              train_split="train[:100%]", eval_split=None, augment="inception_crop", area_min=8,
                              flip=True, randaug=None))
-    c.mesh.update(data=-1, fsdp=a.fsdp, tensor=a.tensor)
+    c.mesh.update(data=-1, fsdp=fsdp, tensor=a.tensor)
     c.batch_size = a.batch
     c.num_epochs = a.epochs
     if a.steps:

@@ -9,8 +9,8 @@ train_and_evaluate` on a real config file, shrunk through its arguments; each se
 initialisation, the crops / masks and the data order of every run:
 
 1. **SimDINO** (`configs/simdino.py`) and **DINO** (the same file, `loss=dino`: prototype head with 1,024
-   prototypes, centring, teacher temperature warm-up) on the same backbone: CRATE width 64, depth 4, 4
-   heads, 7 px patches (16 tokens + cls), DINO head 256 → 64, 2 global crops of 28 px (area 50–100 %) and
+   prototypes, centring, teacher temperature warm-up) on one backbone, the CRATE-MAE encoder's block (CRATE
+   with λ = 0.5): width 64, depth 4, 4 heads, 7 px patches (16 tokens + cls), DINO head 256 → 64, 2 global crops of 28 px (area 50–100 %) and
    no local crops (on 28 px digits a 14 px local crop is one stroke, and the 4 of them tripled the step
    cost without a better probe: `bench/ssl_curves.py`), no horizontal flip (a mirrored digit is another
    glyph), the blur radius scaled to the image size (0.1–0.5 px), ε² = 0.05 (the recipe's), EMA teacher
@@ -19,9 +19,9 @@ initialisation, the crops / masks and the data order of every run:
    pixel targets (`norm_pix_loss` off: a blank MNIST patch has zero variance), `MAE_STEPS` steps of 128 at
    lr `MAE_LR`; probed on the mean of its encoder's patch tokens (`model.pool='mean'`: the cls token is
    not trained by the reconstruction loss).
-3. **Supervised baselines** (`configs/digits.py` on MNIST), 200 steps of 128: CRATE of the SimDINO
-   backbone's size, CRATE (λ = 0.5) of the MAE encoder's (CRATE's stem is patch-LN → linear → LN, the
-   MAE's a conv: the only difference), and the CRATE-α of the earlier demo (lr 6e-3).
+3. **Supervised baselines** (`configs/digits.py` on MNIST), 200 steps of 128: CRATE (λ = 0.5), the same
+   backbone (CRATE's stem is patch-LN → linear → LN, the MAE's a conv: the only difference), and a CRATE-α
+   of the same width and depth (lr 6e-3).
 4. **Probes** on the 1,000 test digits, fitted on the 4,000 train digits (`crate_jax.probe`): weighted 20-NN
    (T = 0.07) and the linear probe (logistic regression, λ swept on a held-out 20 %), for each pretrained
    model (SimDINO / DINO: the teacher), the same architecture at its random initialisation, and the
@@ -53,15 +53,15 @@ SUP_STEPS, SUP_BATCH = 200, 128
 PROBE_DATA = dict(source="mnist", train_split="train", eval_split="test", augment="none")
 
 # key -> (backbone, parameters from); the order of the table
+B = "CRATE (λ = 0.5), width 64, depth 4"
 ROWS = {
-    "simdino": ("CRATE, width 64, depth 4", "SimDINO (teacher)"),
-    "dino": ("CRATE, width 64, depth 4", "DINO (teacher)"),
-    "simdino_init": ("CRATE, width 64, depth 4", "random init (SimDINO's)"),
-    "dino_init": ("CRATE, width 64, depth 4", "random init (DINO's)"),
-    "supervised_crate_ssl": ("CRATE, width 64, depth 4", "supervised"),
-    "mae": ("CRATE (λ = 0.5), width 64, depth 4", "CRATE-MAE encoder"),
-    "mae_init": ("CRATE (λ = 0.5), width 64, depth 4", "random init (MAE encoder)"),
-    "supervised_crate": ("CRATE (λ = 0.5), width 64, depth 4", "supervised"),
+    "simdino": (B, "SimDINO (teacher)"),
+    "simdino_init": (B, "random init (SimDINO's)"),
+    "dino": (B, "DINO (teacher)"),
+    "dino_init": (B, "random init (DINO's)"),
+    "mae": (B, "CRATE-MAE encoder"),
+    "mae_init": (B, "random init (MAE encoder)"),
+    "supervised_crate": (B, "supervised"),
     "supervised_crate_alpha": ("CRATE-α, width 64, depth 4", "supervised"),
 }
 
@@ -80,13 +80,15 @@ def _finish(c, steps: int, seed: int):
 
 
 def ssl_config(steps: int = SSL_STEPS, batch: int = SSL_BATCH, *, loss: str = "simdino", seed: int = 0,
-               lr: float = SSL_LR, model: str = "crate"):
-    """SimDINO (or DINO with `loss='dino'`) on the demo's backbone."""
+               lr: float = SSL_LR, model: str = "crate", lmbda: float = 0.5):
+    """SimDINO (or DINO with `loss='dino'`) on the demo's backbone (`model`; CRATE's ISTA threshold `lmbda`)."""
     from crate_jax.configs import simdino
     variant = ("T/" if model == "crate" else "Ti/") + str(PATCH)
     c = simdino.get_config(f"model={model},variant={variant},batch={batch},steps={steps},source=mnist,global_size=28,"
                            f"local_size=14,n_local=0,eps_sq=0.05,lr={lr},loss={loss},out_dim=1024")
     c.model.update(width=WIDTH, depth=DEPTH, num_heads=HEADS, head_hidden=256, head_dim=64, drop_path=0.0)
+    if model == "crate":  # the CRATE-MAE encoder's block (λ = 0.5, final LayerNorm eps 1e-6): one backbone for all
+        c.model.update(lmbda=lmbda, final_ln_eps=1e-6)
     if model == "vit":
         c.model.mlp_dim = 4 * WIDTH
     c.crops.update(global_scale=(0.5, 1.0), blur_radius=(0.1, 0.5), flip=False)  # a mirrored digit is another glyph
@@ -166,8 +168,6 @@ def run_seed(seed: int, wd: Path, args) -> dict[str, dict]:
         "simdino_init": at_init(s + "CRATE SimDINO student", sd),
         "dino": train(s + "DINO, CRATE", dn, wd / "dino"),
         "dino_init": at_init(s + "CRATE DINO student", dn),
-        "supervised_crate_ssl": train(s + "supervised CRATE", supervised_config("crate", args.supervised_steps,
-                                                                               seed=seed), wd / "supervised_crate_ssl"),
         "mae": train(s + "CRATE-MAE", mae, wd / "mae"),
         "mae_init": at_init(s + "CRATE-MAE", mae),
         "supervised_crate": train(s + "supervised CRATE (λ = 0.5)",
