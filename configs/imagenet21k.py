@@ -12,7 +12,8 @@ Adam(0.9, 0.95) with a bf16 first moment, clip 1.0, mixup/cutmix every step, Inc
 
 Args: variant (default L/14), model=crate_alpha|crate|vit, res, batch, epochs, data_dir, fsdp, tensor, remat
 (none | dots | full). `fsdp` and `remat` default to the layout `python -m crate_jax.aot --plan` chose on a v5p-128
-where one was measured (`PLANNED`, bench/RESULTS.md "A plan per recipe"), else data parallelism with full remat.
+where one was measured (`PLANNED`, bench/RESULTS.md "A plan per recipe"), else data parallelism with full remat;
+on a machine with fewer than 8 devices, pass fsdp=1.
 """
 
 from ml_collections import ConfigDict
@@ -20,7 +21,7 @@ from ml_collections import ConfigDict
 from crate_jax.configs.common import base_config, parse_args
 
 # variant -> (fsdp, remat) chosen by `aot --plan --topology v5p-128` at batch 4096 (bench/RESULTS.md)
-PLANNED = {"B/16": (8, "none")}
+PLANNED = {"B/16": (8, "full"), "L/14": (8, "full")}
 
 
 def get_config(arg: str = ""):

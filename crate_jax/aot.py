@@ -381,6 +381,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-fsdp", default="8", metavar="F[,F...]",
                    help="with --plan: the FSDP group sizes of the data x fsdp splits tried besides pure data "
                         "parallelism and pure FSDP (default 8)")
+    p.add_argument("--plan-remat", default="none,dots,full", metavar="R[,R...]",
+                   help="with --plan: the remat policies to consider, cheapest recompute first (default all three)")
     p.add_argument("--plan-json", metavar="FILE", help="with --plan: also write the ranked plan as JSON")
     p.add_argument("--num-classes", type=int, metavar="N",
                    help="the class count, for a config without config.model.num_classes (no data is read)")
@@ -418,7 +420,11 @@ def _print_plan(config, args) -> int:
     from crate_jax.parallel import plan as P
     tensors = [int(t) for t in args.plan_tensor.split(",") if t.strip()]
     hybrids = [int(f) for f in args.plan_fsdp.split(",") if f.strip()]
-    results = plan(config, args.topology, simulate=args.simulate, tensors=tensors, hybrids=hybrids,
+    remats = [r.strip() for r in args.plan_remat.split(",") if r.strip()]
+    unknown = sorted(set(remats) - set(P.REMAT_ORDER))
+    if unknown or not remats:
+        raise errors.UsageError(f"--plan-remat {args.plan_remat!r}: expected some of {', '.join(P.REMAT_ORDER)}")
+    results = plan(config, args.topology, simulate=args.simulate, tensors=tensors, hybrids=hybrids, remats=remats,
                    log=lambda s: print("  " + s, flush=True))
     print(P.table(results), flush=True)
     best = next((m for m in results if m.fits), None)

@@ -36,17 +36,25 @@ def test_search_stops_at_the_cheapest_remat_that_fits_and_ranks_by_bound():
     ranked = P.search(fake, [P.Layout(4, 1), P.Layout(1, 4)], global_batch=64)
     assert [(l.fsdp, l.remat, l.microbatches) for l in compiled] == [(1, "none", 1), (1, "dots", 1), (1, "full", 1),
                                                                      (4, "none", 1), (4, "dots", 1)]
-    assert [m.fits for m in ranked] == [True, True, False, False, False]
+    assert [m.fits for m in ranked] == [True, True, False, False, False]  # the best split had tried every remat
     assert (ranked[0].layout.fsdp, ranked[0].layout.remat) == (1, "full")  # 0.14 s beats FSDP + dots at 0.15 s
     text = P.table(ranked)
     assert text.splitlines()[2].startswith("| 1 | data 4, remat full |") and "| no |" in text.splitlines()[-1]
+
+
+def test_search_tries_the_other_remats_on_the_best_split():
+    """Memory-bound: saving every activation (remat none) reads more bytes than recomputing them (full)."""
+    fake = lambda l: P.Measured(l, total_bytes=2**30, hbm_bytes=16 * 2**30, binding="memory",
+                                bound_s={"none": 0.30, "dots": 0.25, "full": 0.20}[l.remat] + 0.01 * l.fsdp)
+    ranked = P.search(fake, [P.Layout(4, 1), P.Layout(1, 4)], global_batch=64)
+    assert [(m.layout.fsdp, m.layout.remat) for m in ranked] == [(1, "full"), (1, "dots"), (1, "none"), (4, "none")]
 
 
 def test_search_adds_microbatches_when_no_remat_fits():
     fake = lambda l: P.Measured(l, total_bytes=40 / l.microbatches * 2**30, hbm_bytes=16 * 2**30, bound_s=1.0,
                                 binding="memory")
     ranked = P.search(fake, [P.Layout(8, 1)], global_batch=64)
-    assert [m.layout.microbatches for m in ranked if m.fits] == [4]
+    assert {m.layout.microbatches for m in ranked if m.fits} == {4}
 
 
 @pytest.mark.slow
@@ -55,13 +63,13 @@ def test_plan_compiles_each_split_for_a_simulated_slice(tmp_path, monkeypatch, c
     path = tmp_path / "plan.json"
     c = tiny_config()
     c.model.num_classes = 10
-    results = aot.plan(c, "v5e-4", simulate=True, log=lambda s: None)
+    results = aot.plan(c, "v5e-4", simulate=True, remats=("none",), log=lambda s: None)
     assert [(m.layout.data, m.layout.fsdp) for m in results] and all(m.fits for m in results)
     assert {(m.layout.data, m.layout.fsdp) for m in results} == {(4, 1), (1, 4)}
     assert all(m.bound_s > 0 and m.binding in ("compute", "memory", "communication") for m in results)
     assert results[0].bound_s <= results[1].bound_s
     code = aot.main(["--config", "tests/tiny_digits.py", "--topology", "v5e-4", "--simulate", "--plan",
-                     "--num-classes", "10", "--plan-json", str(path)])
+                     "--num-classes", "10", "--plan-remat", "none", "--plan-json", str(path)])
     out = capsys.readouterr().out
     assert code == 0 and "| rank | layout |" in out and "best: " in out
     rows = json.loads(path.read_text())["plan"]

@@ -29,8 +29,10 @@ def resolve_shape(sizes: dict, num_devices: int) -> tuple[int, ...]:
     known = math.prod(s for s in shape if s != -1)
     if fill:
         if num_devices % known:
+            fixed = ", ".join(f"--config.mesh.{a}=1" for a, sz in zip(AXES, shape) if sz > 1)
             raise MeshError(f"config.mesh: {dict(zip(AXES, shape))} cannot fill {num_devices} devices: "
-                            f"{num_devices} is not divisible by {known}")
+                            f"{num_devices} is not divisible by {known} (a recipe's mesh is laid out for a TPU "
+                            f"slice; on this machine pass sizes that divide {num_devices}, e.g. {fixed})")
         shape[fill[0]] = num_devices // known
     if math.prod(shape) != num_devices:
         raise MeshError(f"config.mesh: data×fsdp×tensor = {'×'.join(map(str, shape))} = {math.prod(shape)} "

@@ -7,9 +7,10 @@ HBM and interconnect time per chip). This module knows nothing about compiling: 
 `compile_one(layout) -> Measured` callback (the CLI's libtpu or simulated-CPU compile).
 
 The search is greedy per mesh split, cheapest recompute first: for each split it compiles remat 'none',
-and only when that does not fit 'dots', then 'full', then more microbatches. A split whose global batch
-does not divide over its data-parallel chips is not a candidate. So a plan is a handful of compiles, not the
-product of every option.
+and only when that does not fit 'dots', then 'full', then more microbatches; then the best split with the
+remats it has not tried (a memory-bound step can be faster recomputing than saving). A split whose global
+batch does not divide over its data-parallel chips is not a candidate. So a plan is a handful of compiles,
+not the product of every option.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def splits(chips: int, global_batch: int, *, tensors: Iterable[int] = (1,), hybr
 def search(compile_one: Callable[[Layout], Measured], split_list: Iterable[Layout], *,
            remats: Iterable[str] = REMAT_ORDER, microbatches: Iterable[int] = (2, 4),
            global_batch: int | None = None, log: Callable[[str], None] = lambda s: None) -> list[Measured]:
-    """Compiles each split with the cheapest remat that fits (then more microbatches at remat 'full'); returns
+    """Compiles each split with the cheapest remat that fits (then more microbatches at the last remat); then,
+    for the best split, the remats not yet compiled: recomputing can be faster than saving when the step is
+    memory-bound (remat 'none' saves every activation for the backward pass and reads it back). Returns
     every compile's result, ranked (`rank`)."""
     remats = [r for r in REMAT_ORDER if r in set(remats)]
     results = []
@@ -99,6 +102,15 @@ def search(compile_one: Callable[[Layout], Measured], split_list: Iterable[Layou
             log(line(m))
             if m.fits:
                 break
+    best = next((m for m in rank(results) if m.fits), None)
+    if best is not None:
+        done = {m.layout for m in results}
+        for r in remats:
+            layout = dataclasses.replace(best.layout, remat=r)
+            if layout not in done:
+                m = compile_one(layout)
+                results.append(m)
+                log(line(m))
     return rank(results)
 
 
