@@ -23,7 +23,10 @@ bicubic RandomResizedCrop.
         --config configs/mae.py:variant=B/16,data_dir=gs://BUCKET/tfds --workdir gs://BUCKET/runs/crate_mae_b16
 
 Args: variant (T/S/B/L, patch after '/'), res, batch, epochs, steps (overrides epochs), blr, mask_ratio,
-norm_pix (1/0), source (tfds | digits | mnist), name, data_dir, fsdp, tensor, dtype.
+norm_pix (1/0), source (tfds | digits | mnist), name, data_dir, fsdp, tensor, dtype. `fsdp` defaults to -1: every
+device on the fsdp axis (`data=1`), the layout `python -m crate_jax.aot --plan` ranked first for B/16 on a v5p-128
+(29.0 ms against 31.4 for data parallelism, bench/RESULTS.md "A plan per recipe"); fsdp=N > 0 puts N devices on it
+and the rest on data.
 """
 
 from ml_collections import ConfigDict
@@ -33,7 +36,7 @@ from crate_jax.configs.common import base_config, parse_args
 
 def get_config(arg: str = ""):
     a = parse_args(arg, variant="B/16", res=224, batch=4096, epochs=800, steps=0, blr=1.5e-4, mask_ratio=0.75,
-                   norm_pix=True, source="tfds", name="imagenet2012", data_dir="", fsdp=1, tensor=1, dtype="float32")
+                   norm_pix=True, source="tfds", name="imagenet2012", data_dir="", fsdp=-1, tensor=1, dtype="float32")
     c = base_config()
     c.task = "mae"
     c.res = a.res
@@ -42,7 +45,7 @@ def get_config(arg: str = ""):
                              eval_split="validation" if a.source == "tfds" else "test", augment="inception_crop",
                              area_min=20, flip=True, randaug=None))
     del c["loss"]  # the loss is the model's (mask_ratio, norm_pix_loss)
-    c.mesh.update(data=-1, fsdp=a.fsdp, tensor=a.tensor)
+    c.mesh.update(data=1 if a.fsdp == -1 else -1, fsdp=a.fsdp, tensor=a.tensor)
     c.batch_size = a.batch
     c.eval_batch_size = min(a.batch, 1024)
     c.num_epochs = a.epochs
