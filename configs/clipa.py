@@ -29,7 +29,8 @@ at every evaluation when `imagenet2012` is prepared for TFDS (`imagenet_dir=` it
 skipped with a message otherwise); `eval_shards=PATTERN` adds image↔text retrieval on held-out
 shards. Any other value: `--config.KEY=VALUE` (e.g. `--config.total_steps=200` for a timing run).
 
-Arguments (defaults reproduce the recipe): variant, stage, res (0: 84 pretrain / 224 finetune),
+Arguments (defaults reproduce the recipe): variant, stage, res (0: pretrain 6 x patch, i.e. 84 px at /14 and
+96 px at /16; finetune 224),
 txt_len, shards, tfds (a TFDS directory with jpg/txt instead of shards), vocab, vocab_size,
 init, model (crate_alpha | crate | vit), text (mu | Ti | S | B | L | H), text_model
 (transformer | crate | crate_alpha), freeze_text, steps, batch, lr, warmup, width/depth/heads
@@ -37,7 +38,10 @@ init, model (crate_alpha | crate | vit), text (mu | Ti | S | B | L | H), text_mo
 eval_shards, imagenet_dir, crop_min (smallest inception-crop area in %, CLIPA: 40), text_pool
 (last | cls | eos), pad_mask, temperature (initial logit scale exp(t); 0: 1/0.07, or 10 for
 sigmoid), synth (a directory written by `crate_jax.data.image_text.synth_scenes`: its
-train shards, vocab, and zero-shot / retrieval evals on its held-out shards), posemb (1d | 2d).
+train shards, vocab, and zero-shot / retrieval evals on its held-out shards), posemb (1d | 2d), fsdp and
+remat (0 / '': the variant's planned layout, `PLANNED`: FSDP groups of 8 chips with data parallelism across
+them; -1: every device on the fsdp axis, the default of unplanned variants; on fewer than 8 devices pass
+fsdp=-1 or 1).
 The demo (`python -m crate_jax.demos.clipa`) runs this file with small values of these.
 """
 
@@ -49,8 +53,12 @@ from ml_collections import ConfigDict
 
 from crate_jax.configs.common import base_config, parse_args
 
+# (variant, stage) -> (fsdp, image-tower remat) that `aot --plan --topology v5p-128` ranked first at the stage's
+# batch (bench/RESULTS.md "A plan per recipe"; bench/plans/clipa_*__v5p-128.json).
+PLANNED = {("L/14", "pretrain"): (8, "full"), ("H/14", "pretrain"): (8, "full")}
+
 STAGES = {  # docs/clipa.md §Recipes
-    "pretrain": dict(res=84, steps=78_196, lr=1.024e-3, warmup=1_600),
+    "pretrain": dict(res=0, steps=78_196, lr=1.024e-3, warmup=1_600),  # res 0: 6 x patch (84 px at /14)
     "finetune": dict(res=224, steps=15_639, lr=5.12e-5, warmup=800),
 }
 
@@ -61,22 +69,27 @@ def get_config(arg: str = ""):
                    freeze_text=True, steps=0, batch=32_768, lr=0.0, warmup=-1, width=0, depth=0, heads=0,
                    out_dim=0, mask_ratio=0.0, loss="softmax", eval_shards="", imagenet_dir="", synth="",
                    posemb="1d", eval_batch=0, log_every=50, eval_every=0, text_pool="last", pad_mask=False,
-                   crop_min=40.0, temperature=0.0)
+                   crop_min=40.0, temperature=0.0, fsdp=0, remat="")
     if a.stage not in STAGES:
         raise ValueError(f"stage={a.stage!r}: expected one of {sorted(STAGES)}")
     stage = STAGES[a.stage]
     c = base_config()
     c.task = "clip"
     c.seed = 0
-    c.res = a.res or stage["res"]
+    patch = int(a.variant.split("/")[1]) if "/" in a.variant else 14
+    # CLIPA pre-trains L/14 and H/14 at 84 px: a 6 x 6 patch grid. Other patch sizes keep the grid (B/16: 96 px).
+    c.res = a.res or stage["res"] or 6 * patch
     c.txt_len = a.txt_len
     c.batch_size = a.batch
     c.total_steps = a.steps or stage["steps"]
-    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # ZeRO-3 style: parameters and moments over fsdp
-
     big = a.width == 0 and a.variant.split("/")[0] in ("L", "H", "g", "G", "e")
-    image = dict(name=a.model, variant=a.variant, dtype="bfloat16" if big else "float32",
-                 remat="full" if big else "none", scan=big)  # full per-block remat (docs/math.md §CLIPA)
+    # The layout `aot --plan` ranked first on a v5p-128 (PLANNED); else ZeRO-3 over every device (fsdp=-1: it
+    # also runs on one device) with full per-block remat for the big towers (docs/math.md §CLIPA).
+    planned = PLANNED.get((a.variant, a.stage)) if a.width == 0 else None
+    fsdp, remat = planned or (-1, "full" if big else "none")
+    fsdp, remat = a.fsdp or fsdp, a.remat or remat
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1) if fsdp == -1 else dict(data=-1, fsdp=fsdp, tensor=1))
+    image = dict(name=a.model, variant=a.variant, dtype="bfloat16" if big else "float32", remat=remat, scan=big)
     image.update({k: v for k, v in dict(width=a.width, depth=a.depth, num_heads=a.heads).items() if v})
     text = dict(variant=a.text, model=a.text_model, vocab_size=a.vocab_size, pool=a.text_pool, pad_mask=a.pad_mask,
                 dtype="bfloat16" if big else "float32", scan=a.text in ("L", "H"))

@@ -42,7 +42,12 @@ Commands (data first, once; the GPT-2 tokenizer is its `vocab.json` + `merges.tx
 Arguments: model, variant, block, data, vocab (0: the data manifest's; 50257 without data), vocab_multiple,
 steps, batch, micro, lr, min_lr, warmup, wd, width / depth / heads (0: the variant's), dtype, scan, remat,
 dropout, eval_every, eval_windows (0: all), eval_batch, log_every, ckpt_every, seed, mesh (data | fsdp |
-tensor:N for `fsdp=-1, tensor=N`).
+tensor:N for `fsdp=-1, tensor=N` | data+tensor:N for `data=-1, tensor=N`).
+
+On a v5p-128 (64 chips) the 480 sequences do not divide over 64 data-parallel chips. `python -m crate_jax.aot
+--plan` ranks data 16 x tensor 4 with full remat first there (47.8 ms a step at the roofline, memory-bound;
+bench/RESULTS.md "A plan per recipe"): `configs/lm.py:model=crate_alpha,variant=B,mesh=data+tensor:4,remat=full`.
+The defaults stay the 8-GPU node's (data parallel, no remat).
 """
 
 from ml_collections import ConfigDict
@@ -75,8 +80,10 @@ def get_config(arg: str = ""):
         c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     elif a.mesh.startswith("tensor:"):
         c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=int(a.mesh.split(":", 1)[1])))
+    elif a.mesh.startswith("data+tensor:"):
+        c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=int(a.mesh.split(":", 1)[1])))
     else:
-        raise ValueError(f"mesh={a.mesh!r}: expected data, fsdp or tensor:N")
+        raise ValueError(f"mesh={a.mesh!r}: expected data, fsdp, tensor:N or data+tensor:N")
     c.optim.update(name="adamw", lr=a.lr, min_lr=a.min_lr, warmup_steps=a.warmup, b1=0.9, b2=0.95, eps=1e-8,
                    wd=a.wd, wd_mask=r".*(kernel|embedding|/D|/D1)", clip=1.0)
     c.init = ConfigDict(dict(checkpoint=None, dont_load=None, posemb_resample=None))

@@ -3,6 +3,8 @@
     python -m crate_jax.aot --config configs/FILE.py:ARGS [--config.KEY=VALUE ...] --topology v5p-128
     python -m crate_jax.aot --config configs/FILE.py:ARGS --topology v5p-128 --simulate
     python -m crate_jax.aot --config configs/FILE.py:ARGS --topology v5p-128 --breakdown
+    python -m crate_jax.aot --config configs/FILE.py:ARGS --topology v5p-128 --plan       # rank the layouts
+    python -m crate_jax.aot --config configs/FILE.py:ARGS --topology v5p-128 --smallest   # fewest chips
 
 With `libtpu` installed (the `aot` extra), `jax.experimental.topologies.get_topology_desc` describes
 the slice's chips; the config's mesh is laid over them and `Setup(config, mesh).compile()` runs the
@@ -294,21 +296,19 @@ def _remat_keys(node, prefix: str = "model") -> list[str]:
     return keys or ([f"{prefix}.remat"] if prefix == "model" else [])
 
 
-def plan(config, topology: str, *, simulate: bool = False, tensors=(1,), hybrids=(8,), remats=None, log=print) -> list:
-    """`--plan`: compiles the candidate layouts of `config` for the slice (`crate_jax.parallel.plan`) and returns
-    their `Measured`, ranked: fitting first, fastest roofline bound first."""
+def _layout_compiler(config, *, simulate: bool):
+    """`compile_one(target, layout) -> plan.Measured`: `config` compiled for the slice `target` with `layout`'s
+    mesh, remat and microbatches (libtpu, or a simulated CPU mesh of as many devices)."""
     from crate_jax.errors import ConfigError
     from crate_jax.parallel import hlo_cost, plan as P
     from crate_jax.parallel.mesh import MeshError
-    target = parse_topology(topology)
     config = offline_config(config)
-    devices = simulated_devices(target.chips) if simulate else tpu_devices(target)
-    backend = (f"simulated {target.chips}-device CPU mesh" if simulate
-               else f"TPU {target.generation} {target.topology} (libtpu, compile-only)")
     remat_keys = _remat_keys(config.model)
-    peak = hlo_cost.CHIPS[target.generation][0]
 
-    def compile_one(layout):
+    def compile_one(target: TpuSlice, layout):
+        devices = simulated_devices(target.chips) if simulate else tpu_devices(target)
+        backend = (f"simulated {target.chips}-device CPU mesh" if simulate
+                   else f"TPU {target.generation} {target.topology} (libtpu, compile-only)")
         c = copy.deepcopy(config)
         with c.unlocked():
             for key, value in layout.overrides(remat_keys).items():
@@ -327,13 +327,68 @@ def plan(config, topology: str, *, simulate: bool = False, tensors=(1,), hybrids
         if r.roofline is not None:
             m.bound_s, m.binding = r.roofline.bound_s, r.roofline.binding
             if r.analytic_flops:
-                m.mfu = r.analytic_flops / len(devices) / peak / m.bound_s
+                m.mfu = r.analytic_flops / len(devices) / hlo_cost.CHIPS[target.generation][0] / m.bound_s
         return m
 
+    return compile_one
+
+
+def plan(config, topology: str, *, simulate: bool = False, tensors=(1,), hybrids=(8,), remats=None, log=print) -> list:
+    """`--plan`: compiles the candidate layouts of `config` for the slice (`crate_jax.parallel.plan`) and returns
+    their `Measured`, ranked: fitting first, fastest roofline bound first. A config error that two mesh splits
+    share is the config's, not a layout's: raised (ConfigError)."""
+    from crate_jax.errors import ConfigError
+    from crate_jax.parallel import plan as P
+    target = parse_topology(topology)
+    compile_one = _layout_compiler(config, simulate=simulate)
+    backend = f"simulated {target.chips}-device CPU mesh" if simulate else "libtpu, compile-only"
     log(f"plan for {target.name} ({target.chips} chips, {backend}), global batch {config.batch_size}: "
         f"compiling each mesh split with the cheapest remat that fits")
     splits = P.splits(target.chips, int(config.batch_size), tensors=tensors, hybrids=hybrids)
-    return P.search(compile_one, splits, remats=remats or P.REMAT_ORDER, global_batch=int(config.batch_size), log=log)
+    config_errors: dict[str, set] = {}
+
+    def compile_checked(layout):
+        m = compile_one(target, layout)
+        if m.error and m.error.startswith("config: "):  # the same error on two mesh splits: not the layout's
+            seen = config_errors.setdefault(m.error, set())
+            seen.add((layout.data, layout.fsdp, layout.tensor))
+            if len(seen) > 1 or len(splits) == 1:
+                raise ConfigError(m.error[len("config: "):])
+        return m
+
+    return P.search(compile_checked, splits, remats=remats or P.REMAT_ORDER, global_batch=int(config.batch_size),
+                    log=log)
+
+
+def smallest_slice(config, topology: str, *, simulate: bool = False, start: str | None = None, log=print):
+    """`--smallest`: the smallest slice of `topology`'s generation, up to `topology` itself, on which `config`
+    fits with its lowest-memory layout (`crate_jax.parallel.plan.smallest`), walking from the slice `start`.
+    Returns (the fitting slice or None, its `Measured` or None, every compile's (slice, Measured))."""
+    from crate_jax.parallel import plan as P
+    from crate_jax.parallel.tpu_slices import smaller_slices
+    target = parse_topology(topology)
+    by_chips = {s.chips: s for s in smaller_slices(target)}
+    first = None
+    if start is not None:
+        first = parse_topology(start)
+        if first.generation != target.generation or first.chips not in by_chips:
+            raise errors.UsageError(f"--smallest-start {start}: expected a {target.generation} slice of at most "
+                                    f"{target.chips} chips ({', '.join(s.name for s in by_chips.values())})")
+    compile_one = _layout_compiler(config, simulate=simulate)
+    tried = []
+
+    def compile_at(chips, layout):
+        m = compile_one(by_chips[chips], layout)
+        tried.append((by_chips[chips], m))
+        return m
+
+    log(f"smallest {target.generation} slice for global batch {config.batch_size}: pure FSDP, remat full, "
+        f"microbatches when needed")
+    best, _ = P.smallest(compile_at, sorted(by_chips), global_batch=int(config.batch_size),
+                         start=first.chips if first else None,
+                         log=lambda s: log(f"{tried[-1][0].name}: {s}"))
+    found = next((sl for sl, m in tried if m is best), None) if best is not None else None
+    return found, best, tried
 
 
 def aot_report(config, topology: str, *, simulate: bool = False, breakdown: bool = False) -> AotReport:
@@ -383,7 +438,14 @@ def _parser() -> argparse.ArgumentParser:
                         "parallelism and pure FSDP (default 8)")
     p.add_argument("--plan-remat", default="none,dots,full", metavar="R[,R...]",
                    help="with --plan: the remat policies to consider, cheapest recompute first (default all three)")
-    p.add_argument("--plan-json", metavar="FILE", help="with --plan: also write the ranked plan as JSON")
+    p.add_argument("--plan-json", metavar="FILE",
+                   help="with --plan or --smallest: also write the result (every compile) as JSON")
+    p.add_argument("--smallest", action="store_true",
+                   help="find the smallest slice of --topology's generation, up to --topology, on which the step "
+                        "fits at all (pure FSDP, remat full, microbatches when needed)")
+    p.add_argument("--smallest-start", type=_slice_name, metavar="SLICE",
+                   help="with --smallest: the slice to try first (e.g. predicted from a plan's memory); default: "
+                        "the middle size")
     p.add_argument("--num-classes", type=int, metavar="N",
                    help="the class count, for a config without config.model.num_classes (no data is read)")
     return p
@@ -405,8 +467,12 @@ def main(argv=None) -> int:
         config = config_cli.config_from_args(args, overrides)
         if args.num_classes is not None:
             config_cli.set_value(config, "model.num_classes", str(args.num_classes))
+        if args.plan and args.smallest:
+            raise errors.UsageError("--plan and --smallest: pick one (run them as two commands)")
         if args.plan:
             return _print_plan(config, args)
+        if args.smallest:
+            return _print_smallest(config, args)
         report = aot_report(config, args.topology, simulate=args.simulate, breakdown=args.breakdown)
     except (ConfigError, MeshError) as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -430,13 +496,38 @@ def _print_plan(config, args) -> int:
     best = next((m for m in results if m.fits), None)
     print(f"best: {best.layout.name}" if best else "no candidate fits: raise the slice size or lower the batch")
     if args.plan_json:
-        rows = [dict(dataclasses.asdict(m.layout), name=m.layout.name, fits=m.fits, total_bytes=m.total_bytes,
-                     hbm_bytes=m.hbm_bytes, bound_s=m.bound_s, binding=m.binding, mfu=m.mfu, compile_s=m.compile_s,
-                     error=m.error) for m in results]
+        rows = [_measured_row(m) for m in results]
         from crate_jax.checkpoint.outputs import atomic_output_file
         with atomic_output_file(args.plan_json, "w", overwrite=True) as f:
             f.write(json.dumps({"topology": args.topology, "config": args.config, "plan": rows}, indent=1))
     return 0 if best else 1
+
+
+def _measured_row(m) -> dict:
+    return dict(dataclasses.asdict(m.layout), name=m.layout.name, fits=m.fits, total_bytes=m.total_bytes,
+                hbm_bytes=m.hbm_bytes, bound_s=m.bound_s, binding=m.binding, mfu=m.mfu, compile_s=m.compile_s,
+                error=m.error)
+
+
+def _print_smallest(config, args) -> int:
+    import json
+    found, best, tried = smallest_slice(config, args.topology, simulate=args.simulate, start=args.smallest_start,
+                                        log=lambda s: print("  " + s, flush=True))
+    if found is None:
+        print(f"does not fit on any {parse_topology(args.topology).generation} slice up to {args.topology} with its "
+              f"lowest-memory layout: lower the batch or use a larger slice")
+    else:
+        print(f"smallest: {found.accelerator_type} ({found.chips} chips), {best.layout.name}: "
+              f"{best.total_bytes / 2**30:.1f} of {best.hbm_bytes / 2**30:.0f} GiB per chip"
+              + (f", step >= {1e3 * best.bound_s:.1f} ms ({best.binding}-bound)" if best.bound_s else ""))
+    if args.plan_json:
+        from crate_jax.checkpoint.outputs import atomic_output_file
+        doc = {"topology": args.topology, "config": args.config,
+               "smallest": found.accelerator_type if found else None,
+               "tried": [dict(_measured_row(m), slice=sl.accelerator_type, chips=sl.chips) for sl, m in tried]}
+        with atomic_output_file(args.plan_json, "w", overwrite=True) as f:
+            f.write(json.dumps(doc, indent=1))
+    return 0 if found else 1
 
 
 if __name__ == "__main__":

@@ -74,3 +74,82 @@ def test_plan_compiles_each_split_for_a_simulated_slice(tmp_path, monkeypatch, c
     assert code == 0 and "| rank | layout |" in out and "best: " in out
     rows = json.loads(path.read_text())["plan"]
     assert len(rows) == 2 and rows[0]["fits"] and rows[0]["bound_s"] <= rows[1]["bound_s"]
+
+
+def _fits_from(chips_needed, hbm=16 * 2**30, activations=0.0):
+    """A fake compile: the layout fits from `chips_needed` chips; `activations` of the bytes shrink with
+    microbatches."""
+    compiled = []
+
+    def compile_at(chips, layout):
+        compiled.append((chips, layout.microbatches))
+        gib = 16 * chips_needed / chips * (1 - activations + activations / layout.microbatches)
+        return P.Measured(layout, total_bytes=gib * 2**30 * 0.99, hbm_bytes=hbm, bound_s=1.0 / chips,
+                          binding="compute")
+    return compile_at, compiled
+
+
+def test_smallest_walks_down_from_a_good_start_in_two_compiles():
+    compile_at, compiled = _fits_from(8)
+    best, results = P.smallest(compile_at, [4, 8, 16, 32, 64], global_batch=4096, start=8, microbatches=())
+    assert best.layout == P.Layout(1, 8, remat="full") and compiled == [(8, 1), (4, 1)]
+    assert [m.fits for m in results] == [True, False]
+
+
+def test_smallest_walks_up_from_a_start_too_small_and_from_the_middle_without_one():
+    compile_at, compiled = _fits_from(32)
+    best, _ = P.smallest(compile_at, [4, 8, 16, 32, 64], global_batch=4096, start=4, microbatches=())
+    assert best.layout.fsdp == 32 and [c for c, _ in compiled] == [4, 8, 16, 32]
+    compile_at, compiled = _fits_from(4)
+    best, _ = P.smallest(compile_at, [4, 8, 16, 32, 64], global_batch=4096, microbatches=())
+    assert best.layout.fsdp == 4 and [c for c, _ in compiled] == [16, 8, 4]
+    compile_at, compiled = _fits_from(128)
+    best, _ = P.smallest(compile_at, [4, 8, 16, 32, 64], global_batch=4096, start=64, microbatches=())
+    assert best is None and compiled == [(64, 1)]
+
+
+def test_smallest_adds_microbatches_and_skips_sizes_the_batch_does_not_divide():
+    # 2x over HBM on 4 chips, 90 % of it activations: 4 microbatches bring it to 2 * (0.1 + 0.9 / 4) = 0.65.
+    compile_at, compiled = _fits_from(8, activations=0.9)
+    best, _ = P.smallest(compile_at, [4, 8, 16], global_batch=96, start=4)
+    assert compiled[:3] == [(4, 1), (4, 2), (4, 4)] and best.layout == P.Layout(1, 4, remat="full", microbatches=4)
+    compile_at, compiled = _fits_from(4)
+    best, _ = P.smallest(compile_at, [3, 4, 5], global_batch=12, start=5, microbatches=())
+    assert compiled == [(4, 1), (3, 1)] and best.layout.fsdp == 4  # 5 does not divide 12: the walk starts at 4
+
+
+def test_predicted_start_scales_a_measured_slice_as_one_over_chips():
+    assert P.predicted_start(30 * 2**30, 64, 95 * 2**30, [4, 8, 16, 32, 64]) == 32  # 30 GiB x 64 / 32 = 60 <= 85.5
+    assert P.predicted_start(1 * 2**30, 64, 95 * 2**30, [4, 8, 16, 32, 64]) == 4
+    assert P.predicted_start(200 * 2**30, 64, 95 * 2**30, [4, 8, 16, 32, 64]) == 64
+
+
+def test_smaller_slices_of_each_generation():
+    from crate_jax.parallel.tpu_slices import parse, smaller_slices
+    assert [s.accelerator_type for s in smaller_slices(parse("v5p-128"))] == [
+        "v5p-8", "v5p-16", "v5p-32", "v5p-64", "v5p-128"]
+    assert [s.chips for s in smaller_slices(parse("v6e-16"))] == [1, 4, 8, 16]
+
+
+@pytest.mark.slow
+def test_smallest_compiles_for_a_simulated_generation(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO_ROOT)
+    path = tmp_path / "smallest.json"
+    code = aot.main(["--config", "tests/tiny_digits.py", "--topology", "v5e-8", "--simulate", "--smallest",
+                     "--num-classes", "10", "--smallest-start", "v5e-4", "--plan-json", str(path)])
+    out = capsys.readouterr().out
+    doc = json.loads(path.read_text())
+    assert code == 0 and "smallest: v5litepod-1 (1 chips)" in out, out
+    assert doc["smallest"] == "v5litepod-1" and [r["chips"] for r in doc["tried"]] == [4, 1]
+    assert all(r["fits"] and r["remat"] == "full" and r["fsdp"] == r["chips"] for r in doc["tried"])
+
+
+def test_plan_stops_on_a_config_error_that_is_not_the_layout_s():
+    from crate_jax.errors import ConfigError
+    c = tiny_config()
+    c.model.num_classes = 10
+    c.res = 30  # not a multiple of the patch size: every layout fails the same way, and the plan says so once
+    lines = []
+    with pytest.raises(ConfigError, match="30"):
+        aot.plan(c, "v5e-4", simulate=True, remats=("none",), log=lines.append)
+    assert lines[1:] and all(s.startswith("data 4,") for s in lines[1:])  # the second split's error is raised

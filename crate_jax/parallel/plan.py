@@ -141,3 +141,66 @@ def table(results: list[Measured]) -> str:
         rows.append(f"| {i if m.fits else ''} | {m.layout.name} | {mem} | {bound} | {m.binding if m.fits else ''} | "
                     f"{mfu} | {'yes' if m.fits else 'no'} |")
     return "\n".join(rows)
+
+
+def smallest(compile_at: Callable[[int, Layout], Measured], sizes: Iterable[int], *, global_batch: int,
+             start: int | None = None, microbatches: Iterable[int] = (2, 4, 8, 16, 32),
+             log: Callable[[str], None] = lambda s: None) -> tuple[Measured | None, list[Measured]]:
+    """The smallest slice (a chip count from `sizes`) on which the recipe fits at all: its lowest-memory
+    layout, pure FSDP over every chip with remat 'full', and the fewest microbatches that fit.
+
+    Walks from `start` (e.g. predicted from a larger slice's compile: under pure FSDP a chip's bytes shrink
+    about as 1/chips) down while the layout fits and up while it does not, so a good start costs two
+    compiles; without one it starts in the middle. Assumes that a layout fitting on n chips fits on more.
+    Sizes over which the global batch does not divide are skipped (a `start` among them moves up). Returns (the smallest fit or None,
+    every compile's result)."""
+    ok = sorted(n for n in set(sizes) if n > 0 and global_batch % n == 0)
+    results: list[Measured] = []
+    if not ok:
+        return None, results
+    mbs = sorted(set(microbatches))
+
+    def fit_at(n: int) -> Measured:
+        m = compile_at(n, Layout(data=1, fsdp=n, remat="full"))
+        results.append(m)
+        log(line(m))
+        if m.fits or m.total_bytes is None:
+            return m
+        # Microbatches shrink the activations, not the sharded state: try the first count that could make up
+        # the excess, then the next.
+        need = m.total_bytes / m.hbm_bytes
+        tries = [k for k in mbs if (global_batch // n) % k == 0 and k >= need][:2]
+        for k in tries:
+            m = compile_at(n, Layout(data=1, fsdp=n, remat="full", microbatches=k))
+            results.append(m)
+            log(line(m))
+            if m.fits:
+                break
+        return m
+
+    if start is None:
+        i = (len(ok) - 1) // 2
+    else:  # the first size the batch divides over from `start` up (else the largest)
+        i = next((j for j, n in enumerate(ok) if n >= start), len(ok) - 1)
+    seen: dict[int, Measured] = {}
+    best = None
+    while 0 <= i < len(ok) and i not in seen:
+        m = seen[i] = fit_at(ok[i])
+        if m.fits:
+            best = m
+            if i == 0 or (i - 1 in seen and not seen[i - 1].fits):
+                break
+            i -= 1
+        else:
+            if i + 1 in seen and seen[i + 1].fits:
+                break
+            i += 1
+    return best, results
+
+
+def predicted_start(total_bytes: float, chips: int, hbm_bytes: float, sizes: Iterable[int],
+                    headroom: float = 0.9) -> int:
+    """The smallest of `sizes` on which `total_bytes` per chip measured on `chips` chips would, scaled as
+    1/chips, use at most `headroom` of HBM (the largest size when none would)."""
+    ok = sorted(set(sizes))
+    return next((n for n in ok if total_bytes * chips / n <= headroom * hbm_bytes), ok[-1])

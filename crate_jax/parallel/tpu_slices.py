@@ -191,3 +191,13 @@ def parse(name: str) -> TpuSlice:
 def hosts_for(name: str) -> int:
     """Number of TPU VMs (= JAX processes) in a slice, e.g. hosts_for("v5p-128") == 16."""
     return parse(name).hosts
+
+
+def smaller_slices(target: TpuSlice) -> list[TpuSlice]:
+    """The standard slices of `target`'s generation with at most its chips, smallest first: power-of-two chip
+    counts from 4 (v4 / v5p: v5p-8 is 4 chips) or the listed sizes (v5e / v6e: from 1 chip)."""
+    prefix, _, counts_cores, _, _, _ = _GENERATIONS[target.generation]
+    if counts_cores:
+        chips = [4 * 2**k for k in range(20) if 4 * 2**k <= target.chips]
+        return [parse(f"{prefix}-{2 * n}") for n in chips]
+    return [parse(f"{prefix}-{n}") for n in _CHIP_COUNTED_SIZES if n <= target.chips]
