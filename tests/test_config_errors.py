@@ -122,6 +122,11 @@ def test_overrides_reach_absent_and_none_keys(monkeypatch):
     c = config_cli.load_with_overrides("configs/clipa.py", ["--config.data.num_threads=4", "--config.model.text.remat",
                                                             "full"])
     assert c.data.num_threads == 4 and c.model.text.remat == "full"
+    c = config_cli.load_with_overrides("configs/clipa.py", ["--set", "mesh.data=64", "--set=mesh.fsdp=1",
+                                                            "--config.mesh.tensor=1"])
+    assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) == (64, 1, 1)  # --set KEY=VALUE is --config.KEY=VALUE
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        config_cli.load_with_overrides("configs/digits.py", ["--set", "mesh.fsdp"])
     with pytest.raises(ConfigError, match="expected an integer"):
         config_cli.load_with_overrides("configs/digits.py", ["--config.batch_size=many"])
     with pytest.raises(ConfigError, match="unknown key"):

@@ -186,10 +186,19 @@ def set_value(config: ConfigDict, key: str, text: str) -> None:
 
 
 def split_overrides(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """`--config.KEY=VALUE` / `--config.KEY VALUE` pairs out of `argv`, and the remaining arguments."""
+    """`--config.KEY=VALUE` / `--config.KEY VALUE` (or `--set KEY=VALUE`) pairs out of `argv`, and the remaining
+    arguments."""
     pairs, rest, i = [], [], 0
     while i < len(argv):
         a = argv[i]
+        if a == "--set" or a.startswith("--set="):
+            text = a[len("--set="):] if a.startswith("--set=") else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if a.startswith("--set=") else 2
+            key, eq, value = text.partition("=")
+            if not eq or not key:
+                raise ConfigError(f"--set {text!r}: expected KEY=VALUE (e.g. --set mesh.fsdp=8)")
+            pairs.append((key, value))
+            continue
         if a.startswith("--config."):
             key, eq, value = a[len("--config."):].partition("=")
             if not eq:
@@ -238,7 +247,8 @@ def take_option(argv: list[str], name: str) -> tuple[str | None, list[str]]:
 CONFIG_HELP = ("a config file defining get_config(ARGS), e.g. configs/digits.py:steps=200 (configs/X.py not in the "
                "working directory: the bundled recipe X.py; with --help, the file's docstring is printed too)")
 OVERRIDES_HELP = ("--config.KEY=VALUE (or --config.KEY VALUE), repeatable: set one config value, e.g. "
-                  "--config.optim.lr=1e-3 --config.model.scan=True; an unknown key is named with the closest ones")
+                  "--config.optim.lr=1e-3 --config.model.scan=True (--set optim.lr=1e-3 is the same); an unknown key "
+                  "is named with the closest ones")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = True, default: str | None = None,
