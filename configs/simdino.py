@@ -39,7 +39,10 @@ file follows.
 Args: model (vit | crate | crate_alpha), variant, batch, epochs, steps (overrides epochs), lr (the base
 lr per 256 images), global_size, local_size, n_local, eps_sq, source (tfds | digits | mnist), name (TFDS
 dataset), data_dir, fsdp, tensor, dtype, loss (simdino | dino), out_dim, teacher_temp,
-warmup_teacher_temp_epochs (DINO), official_vit (0 | 1).
+warmup_teacher_temp_epochs (DINO), official_vit (0 | 1). `fsdp` (0) defaults to the layout `python -m
+crate_jax.aot --plan` ranked first on a v5p-128 where one was measured (`PLANNED`, measured with the CRATE-α
+backbone: B/16 in FSDP groups of 8 chips, data parallel across, 18.5 ms a step at the roofline against 30.7
+for data parallelism; bench/RESULTS.md "A plan per recipe"), else 1; with fewer than 8 devices, pass fsdp=1.
 """
 
 from ml_collections import ConfigDict
@@ -47,9 +50,13 @@ from ml_collections import ConfigDict
 from crate_jax.configs.common import base_config, parse_args
 
 
+# variant -> fsdp chosen by `aot --plan --topology v5p-128` at batch 512 (bench/plans/simdino_B16__v5p-128.json)
+PLANNED = {"B/16": 8}
+
+
 def get_config(arg: str = ""):
     a = parse_args(arg, model="vit", variant="B/16", batch=512, epochs=100, steps=0, lr=5e-4, global_size=224,
-                   local_size=96, n_local=10, eps_sq=0.05, source="tfds", name="imagenet2012", data_dir="", fsdp=1,
+                   local_size=96, n_local=10, eps_sq=0.05, source="tfds", name="imagenet2012", data_dir="", fsdp=0,
                    tensor=1, dtype="float32", loss="simdino", out_dim=65536, teacher_temp=0.07,
                    warmup_teacher_temp_epochs=30, official_vit=0)
     if a.loss not in ("simdino", "dino"):
@@ -79,7 +86,7 @@ def get_config(arg: str = ""):
     c.data = ConfigDict(dict(source=a.source, name=a.name, data_dir=a.data_dir or None, train_split="train",
                              eval_split="validation" if a.source == "tfds" else "test", augment="inception_crop",
                              resize_small=None, flip=False))
-    c.mesh.update(data=-1, fsdp=a.fsdp, tensor=a.tensor)
+    c.mesh.update(data=-1, fsdp=a.fsdp or PLANNED.get(a.variant, 1), tensor=a.tensor)
     c.batch_size = a.batch
     c.eval_batch_size = a.batch
     c.num_epochs = a.epochs
