@@ -1,0 +1,77 @@
+"""The plan table of `bench/RESULTS.md` covers every shipped recipe, and each recipe's default layout is the one
+its plan ranked first on a v5p-128 (`bench/plans/`, written by `bench/plan_recipes.py` with libtpu; nothing
+here compiles)."""
+
+import json
+import os
+import sys
+
+import pytest
+
+from crate_jax.models.config import BlockConfig
+from crate_jax.parallel.mesh import resolve_shape
+from crate_jax.train import config_cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "bench"))
+import plan_recipes  # noqa: E402
+
+PLANS = os.path.join(REPO, "bench", "plans")
+
+# Recipes whose default is not among the plan's best rows, and why. The best rows: every fitting layout within
+# 1 % of the fastest bound (e.g. IN-21K L/8: fsdp 64 and data 8 x fsdp 8 both at 408.5 ms).
+KEPT = {  # recipe -> (why the default differs, the config arguments that select the plan's best on a v5p-128)
+    "lm_B": ("nanoGPT's recipe is for one 8-GPU node: its 480 sequences do not divide over 64 data-parallel "
+             "chips", "mesh=data+tensor:4,remat=full"),
+}
+TIE = 1.01
+_DEFAULT_REMAT = BlockConfig.__dataclass_fields__["remat"].default
+
+
+def _plan(recipe, topology="v5p-128"):
+    path = os.path.join(PLANS, f"{recipe}__{topology}.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def _default_layout(recipe, chips, more=""):
+    config, _ = plan_recipes.RECIPES[recipe]
+    c = config_cli.load(os.path.join(REPO, config.format(vocab="VOCAB.txt")) + ("," + more if more else ""))
+    shape = resolve_shape({k: v for k, v in dict(c.mesh).items() if k != "num_devices"}, chips)
+    remats = {v for k, v in _remats(c.model)} or {_DEFAULT_REMAT}  # no key: the block option's default
+    return dict(zip(("data", "fsdp", "tensor"), shape)), remats, c.get("microbatches", 1)
+
+
+def _remats(node, prefix="model"):
+    for k in list(node.keys()):
+        if k == "remat":
+            yield prefix, node[k]
+        elif hasattr(node[k], "keys"):
+            yield from _remats(node[k], f"{prefix}.{k}")
+
+
+def test_every_recipe_has_a_plan_on_a_v5p_128():
+    missing = [r for r in plan_recipes.RECIPES if _plan(r) is None]
+    assert not missing, f"no bench/plans/<recipe>__v5p-128.json for {missing}: run bench/plan_recipes.py plan"
+
+
+@pytest.mark.parametrize("recipe", sorted(plan_recipes.RECIPES))
+def test_default_layout_is_the_plan_s_best(recipe):
+    doc = _plan(recipe)
+    if doc is None:
+        pytest.fail(f"{recipe}: no plan on a v5p-128")
+    fitting = [r for r in doc["plan"] if r["fits"]]
+    assert fitting, f"{recipe}: nothing fits on a v5p-128"
+    mesh, remats, micro = _default_layout(recipe, 64, KEPT[recipe][1] if recipe in KEPT else "")
+    key = (mesh["data"], mesh["fsdp"], mesh["tensor"], *sorted(remats), micro)
+    chosen = next((r for r in fitting if (r["data"], r["fsdp"], r["tensor"], r["remat"], r["microbatches"]) == key),
+                  None)
+    best = fitting[0]
+    assert chosen is not None and chosen["bound_s"] <= TIE * best["bound_s"], (
+        f"{recipe}: the config's layout (data, fsdp, tensor, remat, microbatches) = {key} is not among the plan's "
+        f"best on a v5p-128 ({best['name']}, {1e3 * best['bound_s']:.1f} ms)")
+
+
+def test_the_table_has_a_row_per_recipe_and_slice():
+    text = plan_recipes.table(PLANS)
+    for recipe in plan_recipes.RECIPES:
+        assert f"| {recipe} | v5p-128 | **" in text, recipe
