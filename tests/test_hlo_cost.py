@@ -79,6 +79,20 @@ def test_hand_written_module_has_the_known_costs():
     assert "communication" in roof.text()
 
 
+def test_v6e_forms_async_slices_and_mesh_groups_with_a_device_order():
+    """The v6e compiler writes replica groups as mesh axes with a device order between them and the axes, and
+    moves parts of a buffer with async `slice-start`s, each moving only its slice (not the whole operand)."""
+    text = HLO.replace("replica_groups=mesh['axis_0'=8,'axis_1'=2] {'axis_0'}",
+                       "replica_groups=mesh['axis_0'=8,'axis_1'=2], device_ids=([2,8]T(1,0)) {'axis_0'}")
+    text = text.replace("  ROOT %all-reduce.1", "  %slice-start.1 = ((s8[4096]{0}), s8[1024]{0:S(1)}, s32[]{:S(2)}) "
+                        "slice-start(%Arg_2), slice={[0:1024]}\n"
+                        "  %slice-done.1 = s8[1024]{0:S(1)} slice-done(%slice-start.1)\n  ROOT %all-reduce.1")
+    text = text.replace("-> f32[64,256] {\n  %Arg_0", "-> f32[64,256] {\n  %Arg_2 = s8[4096]{0} parameter(2)\n  %Arg_0")
+    by_name = {c.name: c for c in H.Breakdown.of(text).charges}
+    assert by_name["all-gather.1"].group == 8
+    assert by_name["slice-start.1"].bytes == 2 * 1024 and "slice-done.1" not in by_name  # read + write the slice
+
+
 def test_tpu_batched_matmul_written_as_convolution_counts_its_flops():
     conv = H.Instr("c", "convolution", "f32[512,16,37,37]{2,3,1,0}",
                    "bf16[512,37,16,64]{3,1,2,0}, bf16[512,37,16,64]{3,1,2,0}",

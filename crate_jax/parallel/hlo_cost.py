@@ -298,7 +298,8 @@ def _trip_count(instr: Instr, mod: "Module | None" = None) -> float:
 
 
 def _group_size(instr: Instr) -> int:
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", instr.attrs)  # mesh['a'=8,'b'=1] {'a'}
+    # mesh['a'=8,'b'=1] {'a'}, or with the device order between: mesh[...], device_ids=([32,8]T(1,0)) {'a'}
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\S+)?\s*\{([^}]*)\}", instr.attrs)
     if m:
         sizes = {k: int(v) for k, v in re.findall(r"'(\w+)'=(\d+)", m.group(1))}
         return math.prod(sizes.get(a, 1) for a in re.findall(r"'(\w+)'", m.group(2)))
@@ -345,6 +346,10 @@ def _io_bytes(mod: "Module", ins: Instr) -> tuple[int, int]:
     if ins.opcode == "dynamic-slice":
         res = shape_bytes(ins.result)
         return res + shape_bytes("".join(operands[1:])), res
+    if ins.opcode == "slice-start":  # async slice: result ((operand), slice, context); it moves only the slice
+        shapes = [m.group(0) for m in _SHAPE.finditer(ins.result)]
+        piece = shape_bytes(shapes[1]) if len(shapes) > 1 else 0
+        return piece, piece
     if ins.opcode != "fusion" or not ins.called():
         return shape_bytes("".join(operands)), shape_bytes(ins.result)
     body = mod.comps.get(ins.called()[0], [])
@@ -416,7 +421,7 @@ def charges(hlo_text: str) -> list[Charge]:
                 continue
             coll = next((c for c in COLLECTIVES if op == c or op == c + "-start"), None)
             in_b, out_b = _io_bytes(mod, ins)
-            if op.endswith("-start"):  # an async start's result (a tuple) repeats its operands
+            if op.endswith("-start") and op != "slice-start":  # an async start's result repeats its operands
                 out_b = max(out_b - in_b, 0)
             flops = (dot_flops(ins, mod.operand_types(ins)) if op in ("dot", "convolution") else 0.0) + \
                 (sum(comp_flops(c) for c in ins.called()) if op in ("fusion", "custom-call") else 0.0)
