@@ -364,10 +364,12 @@ def smallest_slice(config, topology: str, *, simulate: bool = False, start: str 
     """`--smallest`: the smallest slice of `topology`'s generation, up to `topology` itself, on which `config`
     fits with its lowest-memory layout (`crate_jax.parallel.plan.smallest`), walking from the slice `start`.
     Returns (the fitting slice or None, its `Measured` or None, every compile's (slice, Measured))."""
+    from crate_jax.errors import ConfigError
     from crate_jax.parallel import plan as P
     from crate_jax.parallel.tpu_slices import smaller_slices
     target = parse_topology(topology)
     by_chips = {s.chips: s for s in smaller_slices(target)}
+    by_chips.setdefault(target.chips, target)  # a slice of a size off the standard list (v5p-24) is tried too
     first = None
     if start is not None:
         first = parse_topology(start)
@@ -379,6 +381,8 @@ def smallest_slice(config, topology: str, *, simulate: bool = False, start: str 
 
     def compile_at(chips, layout):
         m = compile_one(by_chips[chips], layout)
+        if m.error and m.error.startswith("config: "):  # not a question of size: say so once
+            raise ConfigError(m.error[len("config: "):])
         tried.append((by_chips[chips], m))
         return m
 

@@ -153,3 +153,12 @@ def test_plan_stops_on_a_config_error_that_is_not_the_layout_s():
     with pytest.raises(ConfigError, match="30"):
         aot.plan(c, "v5e-4", simulate=True, remats=("none",), log=lines.append)
     assert lines[1:] and all(s.startswith("data 4,") for s in lines[1:])  # the second split's error is raised
+
+
+def test_smallest_stops_on_a_config_error():
+    from crate_jax.errors import ConfigError
+    c = tiny_config()
+    c.model.num_classes = 10
+    c.res = 30
+    with pytest.raises(ConfigError, match="30"):
+        aot.smallest_slice(c, "v5e-8", simulate=True, log=lambda s: None)
