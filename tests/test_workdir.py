@@ -257,15 +257,16 @@ def test_a_full_disk_during_a_save_names_the_step_and_the_rerun_resumes(referenc
 
 def test_ctrl_c_during_the_first_compile_exits_130_cleanly(tmp_path):
     wd = tmp_path / "run"
-    # No compilation cache: the compile must take long enough to be interrupted.
-    env = cli_env(JAX_ENABLE_COMPILATION_CACHE="false")
+    # The compile must still be running when the signal lands, however fast the machine: the test hook
+    # stretches it (a tiny model compiles in well under a second).
+    env = cli_env(JAX_ENABLE_COMPILATION_CACHE="false", CRATE_JAX_TEST_COMPILE_DELAY="60")
     p = subprocess.Popen([sys.executable, "-m", "crate_jax.train", "--config", TINY, "--workdir", str(wd)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     seen = []
     for line in p.stdout:
         seen.append(line)
         if line.startswith("compiling the train step"):
-            time.sleep(0.5)
+            time.sleep(0.2)
             p.send_signal(signal.SIGINT)
             break
     out, err = p.communicate(timeout=300)

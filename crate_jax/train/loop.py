@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -139,6 +140,8 @@ def _train(setup: Setup, workdir, ckpt: TrainCheckpointer, train_it) -> dict:
 
     M.console("compiling the train step")
     t0 = time.perf_counter()
+    if os.environ.get("CRATE_JAX_TEST_COMPILE_DELAY"):  # the fault tests' slow compile: a Ctrl-C lands in it
+        time.sleep(float(os.environ["CRATE_JAX_TEST_COMPILE_DELAY"]))
     compiled = setup.compile()
     M.console(f"compiled train step in {time.perf_counter() - t0:.1f}s; {memory_report(compiled)} "
               f"(mesh {dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} processes)")
