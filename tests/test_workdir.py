@@ -260,8 +260,11 @@ def test_ctrl_c_during_the_first_compile_exits_130_cleanly(tmp_path):
     # The compile must still be running when the signal lands, however fast the machine: the test hook
     # stretches it (a tiny model compiles in well under a second).
     env = cli_env(JAX_ENABLE_COMPILATION_CACHE="false", CRATE_JAX_TEST_COMPILE_DELAY="60")
+    # A suite started in the background of a non-interactive shell inherits SIGINT ignored; the child gets
+    # the default disposition back, as a run started from a terminal has it.
     p = subprocess.Popen([sys.executable, "-m", "crate_jax.train", "--config", TINY, "--workdir", str(wd)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in p.stdout:
         seen.append(line)
