@@ -486,7 +486,6 @@ def main(argv=None) -> int:
 
 
 def _print_plan(config, args) -> int:
-    import json
     from crate_jax.parallel import plan as P
     tensors = [int(t) for t in args.plan_tensor.split(",") if t.strip()]
     hybrids = [int(f) for f in args.plan_fsdp.split(",") if f.strip()]
@@ -500,11 +499,16 @@ def _print_plan(config, args) -> int:
     best = next((m for m in results if m.fits), None)
     print(f"best: {best.layout.name}" if best else "no candidate fits: raise the slice size or lower the batch")
     if args.plan_json:
-        rows = [_measured_row(m) for m in results]
-        from crate_jax.checkpoint.outputs import atomic_output_file
-        with atomic_output_file(args.plan_json, "w", overwrite=True) as f:
-            f.write(json.dumps({"topology": args.topology, "config": args.config, "plan": rows}, indent=1))
+        _write_json(args, plan=[_measured_row(m) for m in results])
     return 0 if best else 1
+
+
+def _write_json(args, **fields) -> None:
+    """`--plan-json`: the slice, the config and `fields`, written atomically."""
+    import json
+    from crate_jax.checkpoint.outputs import atomic_output_file
+    with atomic_output_file(args.plan_json, "w", overwrite=True) as f:
+        f.write(json.dumps({"topology": args.topology, "config": args.config, **fields}, indent=1))
 
 
 def _measured_row(m) -> dict:
@@ -514,7 +518,6 @@ def _measured_row(m) -> dict:
 
 
 def _print_smallest(config, args) -> int:
-    import json
     found, best, tried = smallest_slice(config, args.topology, simulate=args.simulate, start=args.smallest_start,
                                         log=lambda s: print("  " + s, flush=True))
     if found is None:
@@ -525,12 +528,8 @@ def _print_smallest(config, args) -> int:
               f"{best.total_bytes / 2**30:.1f} of {best.hbm_bytes / 2**30:.0f} GiB per chip"
               + (f", step >= {1e3 * best.bound_s:.1f} ms ({best.binding}-bound)" if best.bound_s else ""))
     if args.plan_json:
-        from crate_jax.checkpoint.outputs import atomic_output_file
-        doc = {"topology": args.topology, "config": args.config,
-               "smallest": found.accelerator_type if found else None,
-               "tried": [dict(_measured_row(m), slice=sl.accelerator_type, chips=sl.chips) for sl, m in tried]}
-        with atomic_output_file(args.plan_json, "w", overwrite=True) as f:
-            f.write(json.dumps(doc, indent=1))
+        _write_json(args, smallest=found.accelerator_type if found else None,
+                    tried=[dict(_measured_row(m), slice=sl.accelerator_type, chips=sl.chips) for sl, m in tried])
     return 0 if found else 1
 
 
