@@ -101,6 +101,24 @@ def test_tpu_batched_matmul_written_as_convolution_counts_its_flops():
     assert H.dot_flops(conv) == 2 * 512 * 16 * 37 * 37 * 64
 
 
+def test_pallas_kernels_count_their_estimate_or_their_matmuls():
+    """A TPU kernel's custom call is opaque to XLA: its FLOPs come from the cost estimate the kernel wrote into
+    its backend config, or, for the flash-attention backward kernels (which write none), from their matmuls."""
+    q = "bf16[4,12,256,64]{3,2,1,0}"
+    fwd = H.Instr("flash_attention.1", "custom-call", f"({q}, f32[4,12,256,128])", f"{q}, {q}, {q}",
+                  ', custom_call_target="tpu_custom_call", backend_config={"cost_estimate":{"flops":"814743552",'
+                  '"transcendentals":"3145728","bytes_accessed":"18874368"}}', "x")
+    dkv = H.Instr("flash_mha_bwd_dkv_block_q_major_128_block_q_128.3", "custom-call", f"({q}, {q})",
+                  f"{q}, {q}, {q}", ', custom_call_target="tpu_custom_call", backend_config={}', "x")
+    dq = H.Instr("flash_mha_bwd_dq_block_q_major_128.1", "custom-call", q, dkv.operands, dkv.attrs, "x")
+    other = H.Instr("my_kernel.1", "custom-call", q, dkv.operands, dkv.attrs, "x")
+    pairs = 4 * 12 * 256 * 256 * 64  # (query, key) pairs x head dimension
+    assert H.custom_call_flops(fwd, fwd.operands) == 814743552
+    assert H.custom_call_flops(dkv, dkv.operands) == 2 * 4 * pairs
+    assert H.custom_call_flops(dq, dq.operands) == 2 * 3 * pairs
+    assert H.custom_call_flops(other, other.operands) == 0.0
+
+
 @pytest.mark.slow
 def test_fsdp_two_tower_moves_no_more_than_data_parallel(tmp_path):
     """A tiny CLIPA two-tower step compiled for 8 simulated devices, data-parallel and 8-way FSDP: the breakdown's

@@ -32,6 +32,11 @@ def activation_mesh(mesh: Mesh | None):
         _ACTIVE.mesh = old
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activation_mesh`, or None outside one."""
+    return getattr(_ACTIVE, "mesh", None)
+
+
 def constrain(x: jax.Array, batch_dim: int = 0) -> jax.Array:
     """`x` constrained to be sharded over (`data`, `fsdp`) along `batch_dim` and replicated elsewhere, on the
     mesh of `activation_mesh`; unchanged without one, on one device, or when the batch does not divide."""

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from crate_jax.models import act_sharding, tpu_attention
+
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 
@@ -155,13 +157,17 @@ def _cudnn_attention(q, k, v, *, causal: bool, mask):
 def attend(q, k, v, *, impl: str, causal: bool = False, mask: jax.Array | None = None) -> jax.Array:
     """Softmax attention `[B, T, K, p] -> [B, T, K, p]` with temperature `1/sqrt(p)`.
 
-    `mask` is boolean, broadcastable to `[B, K, T, S]` (True = attend). 'fused' uses cuDNN's fused
-    kernel on a GPU with 16-bit inputs; everywhere else (CPU, TPU, float32) it is the explicit form
+    `mask` is boolean, broadcastable to `[B, K, T, S]` (True = attend). 'fused' uses the Pallas
+    flash-attention kernel on TPU (sequences of a block or more, no `mask`; `tpu_attention`) and cuDNN's fused kernel on a GPU
+    with 16-bit inputs; everywhere else (CPU, GPU float32) it is the explicit form
     below, which is what `jax.nn.dot_product_attention` computes there too, minus the reshapes and
     transposes of its grouped-query layout (bench/RESULTS.md, "Profiles"). 'explicit' is always the
     textbook einsum + softmax (tests, attention-map analysis).
     """
     if impl == "fused":
+        mesh = act_sharding.active_mesh()
+        if mask is None and tpu_attention.worth_it(q.shape[1], k.shape[1]) and tpu_attention.on_tpu(mesh):
+            return tpu_attention.flash_attend(q, k, v, causal=causal, mesh=mesh)
         out = _cudnn_attention(q, k, v, causal=causal, mask=mask)
         if out is not None:
             return out

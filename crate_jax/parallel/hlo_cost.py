@@ -11,7 +11,8 @@ count when the compiler records it as `known_trip_count`):
   on-chip). Tuple plumbing (`tuple`, `get-tuple-element`, `bitcast`, `parameter`, `constant`) and the
   `-done` half of an async pair cost nothing.
 * FLOPs: `2 · |output| · |contracted dims|` for every `dot` and `convolution` inside it (the matmuls,
-  which are what the MFU counts).
+  which are what the MFU counts), and for a TPU kernel's custom call (Pallas flash attention) the
+  kernel's own cost estimate or, for its backward kernels, their matmuls (`custom_call_flops`).
 * collectives (`all-gather`, `reduce-scatter`, `all-reduce`, `all-to-all`, `collective-permute`, sync or
   async): their bytes (the larger of operand and result) and the size of their replica groups.
 
@@ -181,6 +182,28 @@ def dot_flops(instr: Instr, operand_types: str | None = None) -> float:
         return 2.0 * n_out * math.prod(ops[0][d] for d in contract)
     if instr.opcode == "convolution" and len(ops) > 1:
         return _conv_flops(instr, out[0], ops[0], ops[1])
+    return 0.0
+
+
+_COST_ESTIMATE = re.compile(r'cost_estimate\\*"\s*:\s*\{\\*"flops\\*"\s*:\s*\\*"?(\d+)')
+# Pallas kernels that carry no cost estimate, by the name the kernel gives its custom call: matmuls per
+# (query, key) pair and head dimension, from operand 0 `q [B, K, T, p]` and operand 1 `k [B, K, S, p]`. The
+# flash-attention backward recomputes the scores: dK/dV runs QKᵀ, dO Vᵀ, Pᵀ dO, dSᵀ Q (4 matmuls), dQ runs
+# QKᵀ, dO Vᵀ, dS K (3). Like the forward kernel's own estimate, a causal kernel is counted in full.
+_KERNEL_MATMULS = {"flash_mha_bwd_dkv": 4, "flash_mha_bwd_dq": 3}
+
+
+def custom_call_flops(instr: Instr, operand_types: str) -> float:
+    """FLOPs of a TPU kernel's custom call: its own `cost_estimate` when the kernel wrote one, else the
+    `_KERNEL_MATMULS` count for a kernel named there, else 0 (XLA knows nothing about an opaque kernel)."""
+    m = _COST_ESTIMATE.search(instr.attrs)
+    if m:
+        return float(m.group(1))
+    for prefix, matmuls in _KERNEL_MATMULS.items():
+        if instr.name.startswith(prefix):
+            ops = _dims(operand_types)
+            if len(ops) > 1 and len(ops[0]) == 4 and len(ops[1]) == 4:
+                return 2.0 * matmuls * math.prod(ops[0]) * ops[1][2]
     return 0.0
 
 
@@ -401,6 +424,8 @@ def charges(hlo_text: str) -> list[Charge]:
         for ins in mod.comps.get(name, []):
             if ins.opcode in ("dot", "convolution"):
                 total += dot_flops(ins, mod.operand_types(ins))
+            if ins.opcode == "custom-call" and not ins.called():
+                total += custom_call_flops(ins, mod.operand_types(ins))
             if ins.opcode in ("fusion", "call", "custom-call") and name not in seen:
                 total += sum(comp_flops(c, seen + (name,)) for c in ins.called())
         flops_of[name] = total
@@ -424,7 +449,8 @@ def charges(hlo_text: str) -> list[Charge]:
             if op.endswith("-start") and op != "slice-start":  # an async start's result repeats its operands
                 out_b = max(out_b - in_b, 0)
             flops = (dot_flops(ins, mod.operand_types(ins)) if op in ("dot", "convolution") else 0.0) + \
-                (sum(comp_flops(c) for c in ins.called()) if op in ("fusion", "custom-call") else 0.0)
+                (sum(comp_flops(c) for c in ins.called()) if op in ("fusion", "custom-call") else 0.0) + \
+                (custom_call_flops(ins, mod.operand_types(ins)) if op == "custom-call" and not ins.called() else 0.0)
             out.append(Charge(ins.name, op, source_of(mod.stack(ins), ins.op_name), (in_b + out_b) * scale,
                               flops * scale, collective=coll, group=_group_size(ins) if coll else 1, count=scale,
                               in_bytes=in_b * scale, out_bytes=out_b * scale))

@@ -1,0 +1,82 @@
+"""Fused softmax attention on TPU: the Pallas flash-attention kernel that ships with JAX
+(`jax.experimental.pallas.ops.tpu.flash_attention`), run per device under `jax.shard_map`.
+
+The explicit form writes every head's `[T, S]` score matrix to HBM in float32 and reads it back for the
+softmax, the weighted sum and all three in the backward pass; for the memory-bound recipes (CRATE-MAE,
+SimDINO, the 1,024-token LM) those matrices carried a third to a half of a step's HBM bytes on a TPU
+slice (bench/RESULTS.md, "A plan per recipe"). The kernel keeps each block's scores in VMEM and saves only
+the softmax's row statistics for the backward pass.
+
+The kernel wants `[B, K, T, p]` with `T` and `S` multiples of its 128-row blocks: shorter or ragged
+sequences (197 patch tokens + cls) are zero-padded at the end and the padding is kept out of every real
+token's softmax with segment ids (real tokens segment 1, padding segment 0). A custom call cannot be split
+by XLA's partitioner (it would gather the whole batch onto every chip), so the kernel runs under
+`shard_map` over the step's mesh: batch over (`data`, `fsdp`), heads over `tensor`, where they divide.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+BLOCK = 128  # the kernel's default block along both sequence axes (its kv blocks must be multiples of 128)
+
+
+def on_tpu(mesh: Mesh | None) -> bool:
+    """Whether the kernel can run here: a step traced for a mesh of TPU chips (an AOT topology's included),
+    or, with no mesh, a single TPU chip. Without a mesh nothing says how the arrays are split, and XLA would
+    gather a custom call's operands onto every chip; such code (evaluations on a multi-chip slice) keeps the
+    explicit form."""
+    if mesh is not None:
+        return mesh.devices.flat[0].platform == "tpu"
+    return jax.default_backend() == "tpu" and jax.device_count() == 1
+
+
+def worth_it(t: int, s: int) -> bool:
+    """Whether the kernel pays for itself: both sequences at least one block long. A shorter one (CLIPA's 37
+    image tokens at 84 px, its 32 text tokens, MAE's 50 visible tokens) would be padded to 128, multiplying the
+    attention's FLOPs by up to 12, while its score matrices are small beside the step's other activations."""
+    return min(t, s) >= BLOCK
+
+
+def _axes(mesh: Mesh, names: tuple[str, ...], size: int):
+    """The mesh axes among `names` (size > 1) if together they divide `size`, else None (replicated)."""
+    axes = tuple(a for a in names if mesh.shape.get(a, 1) > 1)
+    if not axes or size % math.prod(mesh.shape[a] for a in axes):
+        return None
+    return axes if len(axes) > 1 else axes[0]
+
+
+def _pad(x: jax.Array, n: int) -> jax.Array:
+    return x if x.shape[2] == n else jnp.pad(x, ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))
+
+
+def _local(q, k, v, *, causal: bool, t: int, s: int):
+    """`[B, K, T, p]` attention on one device's shard, padded to whole blocks."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+    tp, sp = -(-t // BLOCK) * BLOCK, -(-s // BLOCK) * BLOCK
+    segments = None
+    if (tp, sp) != (t, s):
+        b = q.shape[0]
+        segments = fa.SegmentIds(q=jnp.broadcast_to((jnp.arange(tp) < t).astype(jnp.int32), (b, tp)),
+                                 kv=jnp.broadcast_to((jnp.arange(sp) < s).astype(jnp.int32), (b, sp)))
+    out = fa.flash_attention(_pad(q, tp), _pad(k, sp), _pad(v, sp), segment_ids=segments, causal=causal,
+                             sm_scale=1.0 / math.sqrt(q.shape[-1]))
+    return out[:, :, :t]
+
+
+def flash_attend(q, k, v, *, causal: bool, mesh: Mesh | None) -> jax.Array:
+    """Softmax attention `[B, T, K, p] -> [B, T, K, p]` (temperature `1/sqrt(p)`) with the TPU kernel.
+
+    On CPU the kernel runs only under `jax.experimental.pallas.tpu.force_tpu_interpret_mode()` (tests).
+    """
+    t, s = q.shape[1], k.shape[1]
+    qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    fn = lambda a, b, c: _local(a, b, c, causal=causal, t=t, s=s)  # noqa: E731
+    if mesh is not None and mesh.size > 1:
+        spec = P(_axes(mesh, ("data", "fsdp"), q.shape[0]), _axes(mesh, ("tensor",), q.shape[2]), None, None)
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    return jnp.swapaxes(fn(qt, kt, vt), 1, 2)
