@@ -3,6 +3,8 @@ interpreter on CPU, with the padding of ragged sequences to whole blocks kept ou
 explicit attention (values and gradients); and the per-device wrapper on 8 simulated devices, equal to the
 unsharded result. On TPU the same code compiles for a slice (`python -m crate_jax.aot`, bench/RESULTS.md)."""
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,3 +58,29 @@ def test_fused_attention_uses_the_kernel_only_on_tpu_meshes():
     with act_sharding.activation_mesh(cpu_mesh):
         out = L.attend(x, x, x, impl="fused")
     np.testing.assert_allclose(out, L.attend(x, x, x, impl="explicit"), atol=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install 'crate_jax[aot]')")
+def test_compiled_for_a_tpu_slice_the_kernel_runs_per_chip_and_is_costed():
+    """With libtpu (compile-only): the fused attention of a 197-token batch on a 4-chip v5e slice compiles to
+    the flash kernels on each chip's quarter of the batch, and the breakdown counts their matmuls."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from crate_jax import aot
+    from crate_jax.parallel import hlo_cost
+
+    devices = aot.tpu_devices(aot.parse_topology("v5e-4"))
+    mesh = Mesh(np.array(devices).reshape(4, 1, 1), ("data", "fsdp", "tensor"))
+    b, t, k, p = 16, 197, 4, 64
+
+    def loss(x):
+        with act_sharding.activation_mesh(mesh):
+            return jnp.sum(L.attend(x, x, x, impl="fused").astype(jnp.float32) ** 2)
+    x = jax.ShapeDtypeStruct((b, t, k, p), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
+    text = jax.jit(jax.grad(loss)).lower(x).compile().as_text()
+    kernels = [c for c in hlo_cost.Breakdown.of(text).charges if c.opcode == "custom-call"]
+    assert len(kernels) == 3  # forward, dK/dV, dQ
+    pairs = (b // 4) * k * 256 * 256 * p  # per chip, padded to two 128-token blocks
+    assert sum(c.flops for c in kernels) >= 2 * (2 + 4 + 3) * pairs
+    assert "bf16[4,4,256,64]" in text  # a quarter of the batch per chip, heads first, padded
