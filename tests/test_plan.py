@@ -35,8 +35,9 @@ def test_search_stops_at_the_cheapest_remat_that_fits_and_ranks_by_bound():
 
     ranked = P.search(fake, [P.Layout(4, 1), P.Layout(1, 4)], global_batch=64)
     assert [(l.fsdp, l.remat, l.microbatches) for l in compiled] == [(1, "none", 1), (1, "dots", 1), (1, "full", 1),
-                                                                     (4, "none", 1), (4, "dots", 1)]
-    assert [m.fits for m in ranked] == [True, True, False, False, False]  # the best split had tried every remat
+                                                                     (4, "none", 1), (4, "dots", 1), (4, "full", 1)]
+    # the best split had tried every remat; the close FSDP split is compiled at the remat that won too
+    assert [m.fits for m in ranked] == [True, True, True, False, False, False]
     assert (ranked[0].layout.fsdp, ranked[0].layout.remat) == (1, "full")  # 0.14 s beats FSDP + dots at 0.15 s
     text = P.table(ranked)
     assert text.splitlines()[2].startswith("| 1 | data 4, remat full |") and "| no |" in text.splitlines()[-1]
@@ -47,7 +48,24 @@ def test_search_tries_the_other_remats_on_the_best_split():
     fake = lambda l: P.Measured(l, total_bytes=2**30, hbm_bytes=16 * 2**30, binding="memory",
                                 bound_s={"none": 0.30, "dots": 0.25, "full": 0.20}[l.remat] + 0.01 * l.fsdp)
     ranked = P.search(fake, [P.Layout(4, 1), P.Layout(1, 4)], global_batch=64)
-    assert [(m.layout.fsdp, m.layout.remat) for m in ranked] == [(1, "full"), (1, "dots"), (1, "none"), (4, "none")]
+    assert [(m.layout.fsdp, m.layout.remat) for m in ranked] == [(1, "full"), (4, "full"), (1, "dots"), (1, "none"),
+                                                                 (4, "none")]
+
+
+def test_search_compiles_the_close_splits_at_the_winning_remat():
+    """The split that was second at remat none wins at remat full; a split far behind is not recompiled."""
+    def bound(l):
+        if l.fsdp == 2:
+            return 1.0 if l.remat == "none" else 0.5
+        return {"none": 0.30, "dots": 0.25, "full": 0.20}[l.remat] + (0.01 if l.remat == "none" else -0.01) * l.fsdp
+    compiled = []
+
+    def fake(l):
+        compiled.append(l)
+        return P.Measured(l, total_bytes=2**30, hbm_bytes=16 * 2**30, binding="memory", bound_s=bound(l))
+    ranked = P.search(fake, [P.Layout(4, 1), P.Layout(1, 4), P.Layout(2, 2)], global_batch=64)
+    assert (ranked[0].layout.fsdp, ranked[0].layout.remat) == (4, "full")
+    assert P.Layout(2, 2, remat="full") not in compiled and len(compiled) == len(set(compiled)) == 6
 
 
 def test_search_adds_microbatches_when_no_remat_fits():

@@ -8,7 +8,9 @@ HBM and interconnect time per chip). This module knows nothing about compiling: 
 
 The search is greedy per mesh split, cheapest recompute first: for each split it compiles remat 'none',
 and only when that does not fit 'dots', then 'full', then more microbatches; then the best split with the
-remats it has not tried (a memory-bound step can be faster recomputing than saving). A split whose global
+remats it has not tried (a memory-bound step can be faster recomputing than saving), and the splits whose
+first bound was within `CLOSE` of the best's at the remat that won (the order of the splits can change with
+the remat: the language model's data × tensor split overtakes the FSDP one at remat full). A split whose global
 batch does not divide over its data-parallel chips is not a candidate. So a plan is a handful of compiles,
 not the product of every option.
 """
@@ -20,6 +22,7 @@ import math
 from collections.abc import Callable, Iterable
 
 REMAT_ORDER = ("none", "dots", "full")
+CLOSE = 1.5  # a split within this factor of the best one's first-round bound is also compiled at the winning remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +90,8 @@ def search(compile_one: Callable[[Layout], Measured], split_list: Iterable[Layou
            global_batch: int | None = None, log: Callable[[str], None] = lambda s: None) -> list[Measured]:
     """Compiles each split with the cheapest remat that fits (then more microbatches at the last remat); then,
     for the best split, the remats not yet compiled: recomputing can be faster than saving when the step is
-    memory-bound (remat 'none' saves every activation for the backward pass and reads it back). Returns
+    memory-bound (remat 'none' saves every activation for the backward pass and reads it back); then the
+    splits within `CLOSE` of the best at the first round, at the winning remat and microbatches. Returns
     every compile's result, ranked (`rank`)."""
     remats = [r for r in REMAT_ORDER if r in set(remats)]
     results = []
@@ -102,15 +106,22 @@ def search(compile_one: Callable[[Layout], Measured], split_list: Iterable[Layou
             log(line(m))
             if m.fits:
                 break
-    best = next((m for m in rank(results) if m.fits), None)
-    if best is not None:
+    first = [m for m in rank(results) if m.fits]
+    if first:
         done = {m.layout for m in results}
-        for r in remats:
-            layout = dataclasses.replace(best.layout, remat=r)
+
+        def more(layout):
             if layout not in done:
+                done.add(layout)
                 m = compile_one(layout)
                 results.append(m)
                 log(line(m))
+        for r in remats:
+            more(dataclasses.replace(first[0].layout, remat=r))
+        winner = next(m for m in rank(results) if m.fits).layout
+        for m in first[1:]:  # the splits close to the best at the first round, at the remat that won
+            if m.bound_s is not None and m.bound_s <= CLOSE * first[0].bound_s:
+                more(dataclasses.replace(m.layout, remat=winner.remat, microbatches=winner.microbatches))
     return rank(results)
 
 
