@@ -53,7 +53,7 @@ def test_per_device_wrapper_on_a_mesh_equals_unsharded(monkeypatch):
 def test_fused_attention_uses_the_kernel_only_on_tpu_meshes():
     cpu_mesh = Mesh(np.array(jax.devices()[:2]).reshape(2, 1, 1), ("data", "fsdp", "tensor"))
     assert not ta.on_tpu(cpu_mesh) and not ta.on_tpu(None)  # the test machine's backend is the CPU
-    assert ta.worth_it(197, 197) and ta.worth_it(1024, 1024) and not ta.worth_it(37, 37) and not ta.worth_it(128, 50)
+    assert ta.worth_it(1024, 1024) and ta.worth_it(785, 785) and not ta.worth_it(197, 197) and not ta.worth_it(1024, 50)
     x = jax.random.normal(jax.random.key(2), (2, 5, 2, 4), jnp.float32)
     with act_sharding.activation_mesh(cpu_mesh):
         out = L.attend(x, x, x, impl="fused")
@@ -63,8 +63,9 @@ def test_fused_attention_uses_the_kernel_only_on_tpu_meshes():
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu is not installed (pip install 'crate_jax[aot]')")
 def test_compiled_for_a_tpu_slice_the_kernel_runs_per_chip_and_is_costed():
-    """With libtpu (compile-only): the fused attention of a 197-token batch on a 4-chip v5e slice compiles to
-    the flash kernels on each chip's quarter of the batch, and the breakdown counts their matmuls."""
+    """With libtpu (compile-only): the fused attention of a 520-token batch on a 4-chip v5e slice compiles to the
+    flash kernels on each chip's quarter of the batch, and the breakdown counts their matmuls; a 197-token batch
+    keeps the explicit form (`tpu_attention.worth_it`)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from crate_jax import aot
@@ -72,15 +73,19 @@ def test_compiled_for_a_tpu_slice_the_kernel_runs_per_chip_and_is_costed():
 
     devices = aot.tpu_devices(aot.parse_topology("v5e-4"))
     mesh = Mesh(np.array(devices).reshape(4, 1, 1), ("data", "fsdp", "tensor"))
-    b, t, k, p = 16, 197, 4, 64
 
     def loss(x):
         with act_sharding.activation_mesh(mesh):
             return jnp.sum(L.attend(x, x, x, impl="fused").astype(jnp.float32) ** 2)
-    x = jax.ShapeDtypeStruct((b, t, k, p), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
-    text = jax.jit(jax.grad(loss)).lower(x).compile().as_text()
-    kernels = [c for c in hlo_cost.Breakdown.of(text).charges if c.opcode == "custom-call"]
-    assert len(kernels) == 3  # forward, dK/dV, dQ
-    pairs = (b // 4) * k * 256 * 256 * p  # per chip, padded to two 128-token blocks
-    assert sum(c.flops for c in kernels) >= 2 * (2 + 4 + 3) * pairs
-    assert "bf16[4,4,256,64]" in text  # a quarter of the batch per chip, heads first, padded
+
+    def kernels(b, t, k, p):
+        x = jax.ShapeDtypeStruct((b, t, k, p), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
+        text = jax.jit(jax.grad(loss)).lower(x).compile().as_text()
+        return text, [c for c in hlo_cost.Breakdown.of(text).charges if c.opcode == "custom-call"]
+    b, k, p = 16, 4, 64
+    text, calls = kernels(b, 520, k, p)
+    assert len(calls) == 3  # forward, dK/dV, dQ
+    pairs = (b // 4) * k * 640 * 640 * p  # per chip, padded to five 128-token blocks
+    assert sum(c.flops for c in calls) >= 2 * (2 + 4 + 3) * pairs
+    assert "bf16[4,4,640,64]" in text  # a quarter of the batch per chip, heads first, padded
+    assert kernels(b, 197, k, p)[1] == []
