@@ -53,7 +53,8 @@ def test_per_device_wrapper_on_a_mesh_equals_unsharded(monkeypatch):
 def test_fused_attention_uses_the_kernel_only_on_tpu_meshes():
     cpu_mesh = Mesh(np.array(jax.devices()[:2]).reshape(2, 1, 1), ("data", "fsdp", "tensor"))
     assert not ta.on_tpu(cpu_mesh) and not ta.on_tpu(None)  # the test machine's backend is the CPU
-    assert ta.worth_it(1024, 1024) and ta.worth_it(785, 785) and not ta.worth_it(197, 197) and not ta.worth_it(1024, 50)
+    assert ta.worth_it(1024, 1024, True) and ta.worth_it(512, 512, True)
+    assert not ta.worth_it(197, 197, True) and not ta.worth_it(785, 785, False) and not ta.worth_it(1024, 50, True)
     x = jax.random.normal(jax.random.key(2), (2, 5, 2, 4), jnp.float32)
     with act_sharding.activation_mesh(cpu_mesh):
         out = L.attend(x, x, x, impl="fused")
@@ -63,9 +64,9 @@ def test_fused_attention_uses_the_kernel_only_on_tpu_meshes():
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu is not installed (pip install 'crate_jax[aot]')")
 def test_compiled_for_a_tpu_slice_the_kernel_runs_per_chip_and_is_costed():
-    """With libtpu (compile-only): the fused attention of a 520-token batch on a 4-chip v5e slice compiles to the
-    flash kernels on each chip's quarter of the batch, and the breakdown counts their matmuls; a 197-token batch
-    keeps the explicit form (`tpu_attention.worth_it`)."""
+    """With libtpu (compile-only): the fused causal attention of a 520-token batch on a 4-chip v5e slice compiles
+    to the flash kernels on each chip's quarter of the batch, and the breakdown counts their matmuls (a causal
+    kernel in full); a 197-token batch keeps the explicit form (`tpu_attention.worth_it`)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from crate_jax import aot
@@ -76,7 +77,7 @@ def test_compiled_for_a_tpu_slice_the_kernel_runs_per_chip_and_is_costed():
 
     def loss(x):
         with act_sharding.activation_mesh(mesh):
-            return jnp.sum(L.attend(x, x, x, impl="fused").astype(jnp.float32) ** 2)
+            return jnp.sum(L.attend(x, x, x, impl="fused", causal=True).astype(jnp.float32) ** 2)
 
     def kernels(b, t, k, p):
         x = jax.ShapeDtypeStruct((b, t, k, p), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))

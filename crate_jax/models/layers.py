@@ -158,7 +158,7 @@ def attend(q, k, v, *, impl: str, causal: bool = False, mask: jax.Array | None =
     """Softmax attention `[B, T, K, p] -> [B, T, K, p]` with temperature `1/sqrt(p)`.
 
     `mask` is boolean, broadcastable to `[B, K, T, S]` (True = attend). 'fused' uses the Pallas
-    flash-attention kernel on TPU (sequences of 512 tokens or more, no `mask`; `tpu_attention`) and
+    flash-attention kernel on TPU (causal, 512 tokens or more, no `mask`; `tpu_attention`) and
     cuDNN's fused kernel on a GPU with 16-bit inputs; everywhere else (CPU, GPU float32, short sequences
     on TPU) it is the explicit form below, which is what `jax.nn.dot_product_attention` computes there too,
     minus the reshapes and transposes of its grouped-query layout (bench/RESULTS.md, "Profiles").
@@ -166,7 +166,7 @@ def attend(q, k, v, *, impl: str, causal: bool = False, mask: jax.Array | None =
     """
     if impl == "fused":
         mesh = act_sharding.active_mesh()
-        if mask is None and tpu_attention.worth_it(q.shape[1], k.shape[1]) and tpu_attention.on_tpu(mesh):
+        if mask is None and tpu_attention.worth_it(q.shape[1], k.shape[1], causal) and tpu_attention.on_tpu(mesh):
             return tpu_attention.flash_attend(q, k, v, causal=causal, mesh=mesh)
         out = _cudnn_attention(q, k, v, causal=causal, mask=mask)
         if out is not None:

@@ -5,7 +5,7 @@ The explicit form writes every head's `[T, S]` score matrix to HBM in float32 an
 softmax, the weighted sum and all three in the backward pass; for the memory-bound recipes (CRATE-MAE,
 SimDINO, the 1,024-token LM) those matrices carried a third to a half of a step's HBM bytes on a TPU
 slice (bench/RESULTS.md, "A plan per recipe"). The kernel keeps each block's scores in VMEM and saves only
-the softmax's row statistics for the backward pass; that pays from about 512 tokens up (`worth_it`).
+the softmax's row statistics for the backward pass; that pays for long causal sequences (`worth_it`).
 
 The kernel wants `[B, K, T, p]` with `T` and `S` multiples of its 128-row blocks: shorter or ragged
 sequences (197 patch tokens + cls) are zero-padded at the end and the padding is kept out of every real
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 BLOCK = 128  # the kernel's default block along both sequence axes (its kv blocks must be multiples of 128)
-MIN_TOKENS = 512  # shorter sequences keep the explicit form (`worth_it`)
+MIN_TOKENS = 512  # shorter causal sequences, and all non-causal ones, keep the explicit form (`worth_it`)
 
 
 def on_tpu(mesh: Mesh | None) -> bool:
@@ -36,14 +36,17 @@ def on_tpu(mesh: Mesh | None) -> bool:
     return jax.default_backend() == "tpu" and jax.device_count() == 1
 
 
-def worth_it(t: int, s: int) -> bool:
-    """Whether the kernel pays for itself: both sequences at least `MIN_TOKENS` long. For its backward pass the
-    kernel saves two float32 row statistics per query and head, each stored 128 lanes wide (1 KiB per query and
-    head, as much as a float32 score row over 256 keys), and it pads ragged lengths to whole blocks. Measured on a
-    v5p-128 (bench/RESULTS.md, "Fused attention on TPU"): at 197 tokens the kernel made CRATE-MAE B/16's step
-    28 % slower and SimDINO's 4 % (more bytes than the scores it replaces); at 1,024 tokens the language model's
-    step became 1.4x faster."""
-    return min(t, s) >= MIN_TOKENS
+def worth_it(t: int, s: int, causal: bool) -> bool:
+    """Whether the kernel pays for itself: causal attention over at least `MIN_TOKENS` tokens.
+
+    The kernel trades bytes for FLOPs. Its backward pass recomputes the scores (7 matmuls per head against
+    the explicit form's 4); it saves two float32 row statistics per query and head, each 128 lanes wide (as
+    many bytes as a float32 score row over 256 keys); it pads ragged lengths to whole blocks; and on causal
+    attention it skips the blocks above the diagonal. Measured on a v5p-128 (bench/RESULTS.md, "Attention on
+    TPU"): the 1,024-token causal language model's step became 1.4x faster (memory-bound, 47.8 -> 33.5 ms);
+    at 197 tokens CRATE-MAE's became 28 % slower and SimDINO's 4 %; CRATE-α-L/8's 785 tokens (compute-bound
+    with full remat) 7 % slower."""
+    return causal and min(t, s) >= MIN_TOKENS
 
 
 def _axes(mesh: Mesh, names: tuple[str, ...], size: int):
