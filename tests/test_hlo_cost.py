@@ -119,6 +119,21 @@ def test_pallas_kernels_count_their_estimate_or_their_matmuls():
     assert H.custom_call_flops(other, other.operands) == 0.0
 
 
+def test_flash_kernels_read_the_blocks_they_stream_again():
+    """T = 1,024 in 256-token blocks: the forward and dQ kernels read K and V four times, the dK/dV kernel its
+    query-side operands (q, two float32 row statistics) four times; another kernel reads its operands once."""
+    q, stat = "bf16[2,4,1024,64]", "f32[2,4,1024,128]"
+    nq, ns = 2 * 4 * 1024 * 64 * 2, 2 * 4 * 1024 * 128 * 4
+    assert H.flash_forward_block(["fusion.1", "flash_mha_bwd_dq_block_q_major_256_block_k_major_256.2"]) == 256
+    assert H.flash_forward_block(["flash_attention.1"]) == 128
+    assert H.kernel_reads("flash_attention.3", [q, q, q], 256) == 3 * nq + 3 * 2 * nq
+    assert H.kernel_reads("flash_mha_bwd_dq_block_q_major_256_block_k_major_256", [q, q, q, stat, stat]) == (
+        3 * nq + 2 * ns + 3 * 2 * nq)
+    assert H.kernel_reads("flash_mha_bwd_dkv_block_q_major_256_block_q_256_block_k_major_256", [q, q, q, stat, stat]) \
+        == 3 * nq + 2 * ns + 3 * (nq + 2 * ns)
+    assert H.kernel_reads("my_kernel.1", [q, q, q], 256) == 3 * nq
+
+
 @pytest.mark.slow
 def test_fsdp_two_tower_moves_no_more_than_data_parallel(tmp_path):
     """A tiny CLIPA two-tower step compiled for 8 simulated devices, data-parallel and 8-way FSDP: the breakdown's

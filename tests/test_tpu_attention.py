@@ -54,6 +54,7 @@ def test_fused_attention_uses_the_kernel_only_on_tpu_meshes():
     cpu_mesh = Mesh(np.array(jax.devices()[:2]).reshape(2, 1, 1), ("data", "fsdp", "tensor"))
     assert not ta.on_tpu(cpu_mesh) and not ta.on_tpu(None)  # the test machine's backend is the CPU
     assert ta.worth_it(1024, 1024, True) and ta.worth_it(512, 512, True)
+    assert (ta.block_size(1024, 1024), ta.block_size(768, 768), ta.block_size(640, 640)) == (512, 256, 128)
     assert not ta.worth_it(197, 197, True) and not ta.worth_it(785, 785, False) and not ta.worth_it(1024, 50, True)
     x = jax.random.normal(jax.random.key(2), (2, 5, 2, 4), jnp.float32)
     with act_sharding.activation_mesh(cpu_mesh):
@@ -90,3 +91,5 @@ def test_compiled_for_a_tpu_slice_the_kernel_runs_per_chip_and_is_costed():
     assert sum(c.flops for c in calls) >= 2 * (2 + 4 + 3) * pairs
     assert "bf16[4,4,640,64]" in text  # a quarter of the batch per chip, heads first, padded
     assert kernels(b, 197, k, p)[1] == []
+    text, calls = kernels(8, 1024, 2, 64)  # 1,024 tokens: 512-token blocks (fewer re-reads of K and V)
+    assert len(calls) == 3 and any(c.name.startswith("flash_mha_bwd_dkv_block_q_major_512") for c in calls)

@@ -61,17 +61,28 @@ def _pad(x: jax.Array, n: int) -> jax.Array:
     return x if x.shape[2] == n else jnp.pad(x, ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))
 
 
+def block_size(tp: int, sp: int) -> int:
+    """The kernel's block along both sequences: 512 or 256 where they divide both padded lengths, else 128. Each
+    query block streams every key/value block from HBM (and the dK/dV pass every query-side block per key
+    block), so larger blocks mean fewer re-reads; a 512 × 512 float32 score block (1 MiB) fits in VMEM."""
+    return next(b for b in (512, 256, BLOCK) if tp % b == 0 and sp % b == 0)
+
+
 def _local(q, k, v, *, causal: bool, t: int, s: int):
     """`[B, K, T, p]` attention on one device's shard, padded to whole blocks."""
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
     tp, sp = -(-t // BLOCK) * BLOCK, -(-s // BLOCK) * BLOCK
+    b = block_size(tp, sp)
+    blocks = fa.BlockSizes(block_q=b, block_k_major=b, block_k=b, block_b=1, block_q_major_dkv=b,
+                           block_k_major_dkv=b, block_k_dkv=b, block_q_dkv=b, block_k_major_dq=b, block_k_dq=b,
+                           block_q_dq=b)
     segments = None
     if (tp, sp) != (t, s):
         b = q.shape[0]
         segments = fa.SegmentIds(q=jnp.broadcast_to((jnp.arange(tp) < t).astype(jnp.int32), (b, tp)),
                                  kv=jnp.broadcast_to((jnp.arange(sp) < s).astype(jnp.int32), (b, sp)))
     out = fa.flash_attention(_pad(q, tp), _pad(k, sp), _pad(v, sp), segment_ids=segments, causal=causal,
-                             sm_scale=1.0 / math.sqrt(q.shape[-1]))
+                             sm_scale=1.0 / math.sqrt(q.shape[-1]), block_sizes=blocks)
     return out[:, :, :t]
 
 

@@ -12,7 +12,8 @@ count when the compiler records it as `known_trip_count`):
   `-done` half of an async pair cost nothing.
 * FLOPs: `2 · |output| · |contracted dims|` for every `dot` and `convolution` inside it (the matmuls,
   which are what the MFU counts), and for a TPU kernel's custom call (Pallas flash attention) the
-  kernel's own cost estimate or, for its backward kernels, their matmuls (`custom_call_flops`).
+  kernel's own cost estimate or, for its backward kernels, their matmuls (`custom_call_flops`); its HBM
+  reads include the blocks a flash-attention kernel streams more than once (`kernel_reads`).
 * collectives (`all-gather`, `reduce-scatter`, `all-reduce`, `all-to-all`, `collective-permute`, sync or
   async): their bytes (the larger of operand and result) and the size of their replica groups.
 
@@ -27,6 +28,7 @@ import collections
 import dataclasses
 import math
 import re
+from collections.abc import Iterable
 
 DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4,
                "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16,
@@ -205,6 +207,38 @@ def custom_call_flops(instr: Instr, operand_types: str) -> float:
             if len(ops) > 1 and len(ops[0]) == 4 and len(ops[1]) == 4:
                 return 2.0 * matmuls * math.prod(ops[0]) * ops[1][2]
     return 0.0
+
+
+_FLASH_BWD_BLOCK = re.compile(r"^flash_mha_bwd_dq_block_q_major_(\d+)")
+
+
+def flash_forward_block(names: Iterable[str]) -> int:
+    """The query block of a module's flash-attention forward kernel: its name does not say it, the dQ kernel's
+    name does (`crate_jax.models.tpu_attention` uses one block size for all three); the kernel's default 128
+    when the module has no backward kernel."""
+    return next((int(m.group(1)) for n in names if (m := _FLASH_BWD_BLOCK.match(n))), 128)
+
+
+def kernel_reads(name: str, operands: list[str], forward_block: int = 128) -> int:
+    """HBM bytes a flash-attention kernel reads: every operand once, plus the blocks it streams again. The
+    forward and dQ kernels stream all of K and V once per query block (`T / block`); the dK/dV kernel streams
+    all of its query-side operands (q, dO and the row statistics) once per key block. A causal kernel skips
+    the blocks above the diagonal; it is counted in full (an upper bound). Any other custom call: its
+    operands once."""
+    sizes = [shape_bytes(o) for o in operands]
+    dims = [d[0] if (d := _dims(o)) else [] for o in operands]
+    total = sum(sizes)
+    if len(dims) < 3 or len(dims[0]) != 4 or len(dims[1]) != 4:
+        return total
+    if name.startswith("flash_attention") or name.startswith("flash_mha_bwd_dq"):
+        m = re.search(r"block_q_major_(\d+)", name)
+        blocks = dims[0][2] // (int(m.group(1)) if m else forward_block)
+        return total + max(blocks - 1, 0) * (sizes[1] + sizes[2])
+    if name.startswith("flash_mha_bwd_dkv"):
+        m = re.search(r"block_k_major_(\d+)", name)
+        blocks = dims[1][2] // (int(m.group(1)) if m else 128)
+        return total + max(blocks - 1, 0) * (total - sizes[1] - sizes[2])
+    return total
 
 
 def _window(attrs: str, key: str, n: int, default: int) -> list[int]:
@@ -432,6 +466,7 @@ def charges(hlo_text: str) -> list[Charge]:
         return total
 
     out: list[Charge] = []
+    block = flash_forward_block(i.name for c in mod.comps.values() for i in c if i.opcode == "custom-call")
 
     def walk(comp: str, scale: float, seen=()):
         for ins in mod.comps.get(comp, []):
@@ -446,6 +481,8 @@ def charges(hlo_text: str) -> list[Charge]:
                 continue
             coll = next((c for c in COLLECTIVES if op == c or op == c + "-start"), None)
             in_b, out_b = _io_bytes(mod, ins)
+            if op == "custom-call" and not ins.called():
+                in_b = kernel_reads(ins.name, _operand_list(mod, ins), block)
             if op.endswith("-start") and op != "slice-start":  # an async start's result repeats its operands
                 out_b = max(out_b - in_b, 0)
             flops = (dot_flops(ins, mod.operand_types(ins)) if op in ("dot", "convolution") else 0.0) + \
