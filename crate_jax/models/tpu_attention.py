@@ -43,7 +43,7 @@ def worth_it(t: int, s: int, causal: bool) -> bool:
     the explicit form's 4); it saves two float32 row statistics per query and head, each 128 lanes wide (as
     many bytes as a float32 score row over 256 keys); it pads ragged lengths to whole blocks; and on causal
     attention it skips the blocks above the diagonal. Measured on a v5p-128 (bench/RESULTS.md, "Attention on
-    TPU"): the 1,024-token causal language model's step became 1.4x faster (memory-bound, 47.8 -> 33.5 ms);
+    TPU"): the 1,024-token causal language model's step became 1.3x faster (memory-bound, 47.8 -> 37.0 ms);
     at 197 tokens CRATE-MAE's became 28 % slower and SimDINO's 4 %; CRATE-α-L/8's 785 tokens (compute-bound
     with full remat) 7 % slower."""
     return causal and min(t, s) >= MIN_TOKENS
