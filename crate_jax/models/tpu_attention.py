@@ -5,10 +5,11 @@ The explicit form writes every head's `[T, S]` score matrix to HBM in float32 an
 softmax, the weighted sum and all three in the backward pass; for the memory-bound recipes (CRATE-MAE,
 SimDINO, the 1,024-token LM) those matrices carried a third to a half of a step's HBM bytes on a TPU
 slice (bench/RESULTS.md, "A plan per recipe"). The kernel keeps each block's scores in VMEM and saves only
-the softmax's row statistics for the backward pass; that pays for long causal sequences (`worth_it`).
+the softmax's row statistics for the backward pass. Measured, that pays only for long causal sequences (the
+LM); for the 197-token steps it moves more bytes than it saves (`worth_it`).
 
 The kernel wants `[B, K, T, p]` with `T` and `S` multiples of its 128-row blocks: shorter or ragged
-sequences (197 patch tokens + cls) are zero-padded at the end and the padding is kept out of every real
+sequences (e.g. 520 tokens) are zero-padded at the end and the padding is kept out of every real
 token's softmax with segment ids (real tokens segment 1, padding segment 0). A custom call cannot be split
 by XLA's partitioner (it would gather the whole batch onto every chip), so the kernel runs under
 `shard_map` over the step's mesh: batch over (`data`, `fsdp`), heads over `tensor`, where they divide.
@@ -78,9 +79,9 @@ def _local(q, k, v, *, causal: bool, t: int, s: int):
                            block_q_dq=b)
     segments = None
     if (tp, sp) != (t, s):
-        b = q.shape[0]
-        segments = fa.SegmentIds(q=jnp.broadcast_to((jnp.arange(tp) < t).astype(jnp.int32), (b, tp)),
-                                 kv=jnp.broadcast_to((jnp.arange(sp) < s).astype(jnp.int32), (b, sp)))
+        n = q.shape[0]
+        segments = fa.SegmentIds(q=jnp.broadcast_to((jnp.arange(tp) < t).astype(jnp.int32), (n, tp)),
+                                 kv=jnp.broadcast_to((jnp.arange(sp) < s).astype(jnp.int32), (n, sp)))
     out = fa.flash_attention(_pad(q, tp), _pad(k, sp), _pad(v, sp), segment_ids=segments, causal=causal,
                              sm_scale=1.0 / math.sqrt(q.shape[-1]), block_sizes=blocks)
     return out[:, :, :t]
