@@ -212,6 +212,11 @@ def custom_call_flops(instr: Instr, operand_types: str) -> float:
 _FLASH_BWD_BLOCK = re.compile(r"^flash_mha_bwd_dq_block_q_major_(\d+)")
 
 
+def _is_kernel(ins: Instr) -> bool:
+    """A custom call with no XLA computation inside: an opaque TPU kernel (`custom_call_flops`, `kernel_reads`)."""
+    return ins.opcode == "custom-call" and not ins.called()
+
+
 def flash_forward_block(names: Iterable[str]) -> int:
     """The query block of a module's flash-attention forward kernel: its name does not say it, the dQ kernel's
     name does (`crate_jax.models.tpu_attention` uses one block size for all three); the kernel's default 128
@@ -458,7 +463,7 @@ def charges(hlo_text: str) -> list[Charge]:
         for ins in mod.comps.get(name, []):
             if ins.opcode in ("dot", "convolution"):
                 total += dot_flops(ins, mod.operand_types(ins))
-            if ins.opcode == "custom-call" and not ins.called():
+            if _is_kernel(ins):
                 total += custom_call_flops(ins, mod.operand_types(ins))
             if ins.opcode in ("fusion", "call", "custom-call") and name not in seen:
                 total += sum(comp_flops(c, seen + (name,)) for c in ins.called())
@@ -466,7 +471,7 @@ def charges(hlo_text: str) -> list[Charge]:
         return total
 
     out: list[Charge] = []
-    block = flash_forward_block(i.name for c in mod.comps.values() for i in c if i.opcode == "custom-call")
+    block = flash_forward_block(i.name for c in mod.comps.values() for i in c if _is_kernel(i))
 
     def walk(comp: str, scale: float, seen=()):
         for ins in mod.comps.get(comp, []):
@@ -481,13 +486,13 @@ def charges(hlo_text: str) -> list[Charge]:
                 continue
             coll = next((c for c in COLLECTIVES if op == c or op == c + "-start"), None)
             in_b, out_b = _io_bytes(mod, ins)
-            if op == "custom-call" and not ins.called():
+            if _is_kernel(ins):
                 in_b = kernel_reads(ins.name, _operand_list(mod, ins), block)
             if op.endswith("-start") and op != "slice-start":  # an async start's result repeats its operands
                 out_b = max(out_b - in_b, 0)
             flops = (dot_flops(ins, mod.operand_types(ins)) if op in ("dot", "convolution") else 0.0) + \
                 (sum(comp_flops(c) for c in ins.called()) if op in ("fusion", "custom-call") else 0.0) + \
-                (custom_call_flops(ins, mod.operand_types(ins)) if op == "custom-call" and not ins.called() else 0.0)
+                (custom_call_flops(ins, mod.operand_types(ins)) if _is_kernel(ins) else 0.0)
             out.append(Charge(ins.name, op, source_of(mod.stack(ins), ins.op_name), (in_b + out_b) * scale,
                               flops * scale, collective=coll, group=_group_size(ins) if coll else 1, count=scale,
                               in_bytes=in_b * scale, out_bytes=out_b * scale))
