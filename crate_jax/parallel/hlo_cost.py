@@ -227,9 +227,8 @@ def flash_forward_block(names: Iterable[str]) -> int:
 def kernel_reads(name: str, operands: list[str], forward_block: int = 128) -> int:
     """HBM bytes a flash-attention kernel reads: every operand once, plus the blocks it streams again. The
     forward and dQ kernels stream all of K and V once per query block (`T / block`); the dK/dV kernel streams
-    all of its query-side operands (q, dO and the row statistics) once per key block. A causal kernel skips
-    the blocks above the diagonal; it is counted in full (an upper bound). Any other custom call: its
-    operands once."""
+    all of its query-side operands (q, dO and the row statistics) once per key block. A causal kernel skips the
+    blocks above the diagonal; it is counted in full (an upper bound). Any other kernel: its operands once."""
     sizes = [shape_bytes(o) for o in operands]
     dims = [d[0] if (d := _dims(o)) else [] for o in operands]
     total = sum(sizes)
