@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from crate_jax.models import act_sharding, tpu_attention
+from crate_jax.models import act_sharding, tpu_attention, tpu_mssa
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
@@ -158,7 +158,8 @@ def attend(q, k, v, *, impl: str, causal: bool = False, mask: jax.Array | None =
     """Softmax attention `[B, T, K, p] -> [B, T, K, p]` with temperature `1/sqrt(p)`.
 
     `mask` is boolean, broadcastable to `[B, K, T, S]` (True = attend). 'fused' uses the Pallas
-    flash-attention kernel on TPU (causal, 512 tokens or more, no `mask`; `tpu_attention`) and
+    flash-attention kernel on TPU (causal, 512 tokens or more, no `mask`; `tpu_attention`; MSSA's short
+    sequences take `self_attend`'s kernel instead) and
     cuDNN's fused kernel on a GPU with 16-bit inputs; everywhere else (CPU, GPU float32, short sequences
     on TPU) it is the explicit form below, which is what `jax.nn.dot_product_attention` computes there too,
     minus the reshapes and transposes of its grouped-query layout (bench/RESULTS.md, "Profiles").
@@ -180,6 +181,16 @@ def attend(q, k, v, *, impl: str, causal: bool = False, mask: jax.Array | None =
         logits = jnp.where(mask, logits, -jnp.inf)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bkts,bskp->btkp", weights, v)
+
+
+def self_attend(w, *, impl: str, causal: bool = False, mask: jax.Array | None = None) -> jax.Array:
+    """`attend(w, w, w)`: MSSA's attention, one tensor as query, key and value. 'fused' on a TPU runs the
+    short-sequence kernel (`tpu_mssa`: non-causal, up to 512 tokens, no `mask`), else `attend`."""
+    if impl == "fused" and mask is None and tpu_mssa.worth_it(w.shape[1], causal):
+        mesh = act_sharding.active_mesh()
+        if tpu_attention.on_tpu(mesh):
+            return tpu_mssa.self_attend(w, mesh=mesh)
+    return attend(w, w, w, impl=impl, causal=causal, mask=mask)
 
 
 class MSSA(nnx.Module):
@@ -205,8 +216,7 @@ class MSSA(nnx.Module):
         w = self.proj(x)  # [B, N, K, p]: w_k = x U_k for every head k
         if capture is not None:
             capture["mssa_w"] = w
-        o = attend(w, w, w, impl=self.attention, causal=self.causal, mask=mask)
-        return self.out(o)
+        return self.out(self_attend(w, impl=self.attention, causal=self.causal, mask=mask))
 
 
 class MultiHeadAttention(nnx.Module):

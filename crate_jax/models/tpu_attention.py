@@ -50,7 +50,7 @@ def worth_it(t: int, s: int, causal: bool) -> bool:
     return causal and min(t, s) >= MIN_TOKENS
 
 
-def _axes(mesh: Mesh, names: tuple[str, ...], size: int):
+def mesh_axes(mesh: Mesh, names: tuple[str, ...], size: int):
     """The mesh axes among `names` (size > 1) if together they divide `size`, else None (replicated)."""
     axes = tuple(a for a in names if mesh.shape.get(a, 1) > 1)
     if not axes or size % math.prod(mesh.shape[a] for a in axes):
@@ -96,6 +96,6 @@ def flash_attend(q, k, v, *, causal: bool, mesh: Mesh | None) -> jax.Array:
     qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
     fn = lambda a, b, c: _local(a, b, c, causal=causal, t=t, s=s)  # noqa: E731
     if mesh is not None and mesh.size > 1:
-        spec = P(_axes(mesh, ("data", "fsdp"), q.shape[0]), _axes(mesh, ("tensor",), q.shape[2]), None, None)
+        spec = P(mesh_axes(mesh, ("data", "fsdp"), q.shape[0]), mesh_axes(mesh, ("tensor",), q.shape[2]), None, None)
         fn = jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
     return jnp.swapaxes(fn(qt, kt, vt), 1, 2)
