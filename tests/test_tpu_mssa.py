@@ -23,21 +23,39 @@ def _explicit(w):
     return L.attend(w, w, w, impl="explicit")
 
 
-@pytest.mark.parametrize("shape", [(2, 197, 4, 64),   # 197 tokens (ragged), two heads per 128-lane block
-                                   (1, 37, 3, 40)])   # three 40-wide heads: one block holds all of them
-def test_kernel_matches_explicit_attention_values_and_gradients(shape):
+@pytest.mark.parametrize("shape,causal,rows", [
+    ((2, 197, 4, 64), False, None),  # 197 tokens (ragged), whole; two heads per 128-lane block
+    ((1, 37, 3, 40), True, None),    # three 40-wide heads: one block holds all of them; causal, whole
+    ((1, 50, 2, 16), False, 16),     # query rows in chunks of 16 (16, 16, 16, 2), every chunk sees all keys
+    ((1, 50, 2, 16), True, 16),      # causal chunks see keys up to their last row only
+])
+def test_kernel_matches_explicit_attention_values_and_gradients(shape, causal, rows, monkeypatch):
+    if rows:  # long sequences are chunked (`tpu_mssa.ROWS` rows); smaller chunks here to keep the interpreter fast
+        monkeypatch.setattr(tm, "ROWS", rows)
+        monkeypatch.setattr(tm, "WHOLE", rows)
+        assert len(tm._chunks(shape[1], causal)) == 4
     w = jax.random.normal(jax.random.key(0), shape, jnp.float32)
-    kernel = lambda w: tm.self_attend(w, mesh=None)  # noqa: E731
+    kernel = lambda w: tm.self_attend(w, causal=causal, mesh=None)  # noqa: E731
+    explicit = lambda w: L.attend(w, w, w, impl="explicit", causal=causal)  # noqa: E731
     with pltpu.force_tpu_interpret_mode():
         out, grad = jax.jit(kernel)(w), jax.jit(jax.grad(_loss(kernel)))(w)
-    np.testing.assert_allclose(out, _explicit(w), atol=1e-5)
-    np.testing.assert_allclose(grad, jax.grad(_loss(_explicit))(w), atol=1e-5)
+    np.testing.assert_allclose(out, explicit(w), atol=1e-5)
+    np.testing.assert_allclose(grad, jax.grad(_loss(explicit))(w), atol=1e-5)
+
+
+def test_causal_chunks_skip_the_blocks_above_the_diagonal():
+    assert tm._chunks(197, False) == [(0, 197, 197)] and tm._chunks(200, True) == [(0, 200, 200)]
+    assert tm._chunks(600, False) == [(0, 256, 600), (256, 512, 600), (512, 600, 600)]
+    assert tm._chunks(1024, True) == [(0, 256, 256), (256, 512, 512), (512, 768, 768), (768, 1024, 1024)]
+    # FLOPs per head and sequence: causal 1,024 tokens compute 10 of the 16 key blocks of 256 x 256
+    assert tm._flops(1024, 64, True, forward=True) == 2 * 2 * 64 * 256 * 256 * 10
+    assert tm._flops(197, 64, False, forward=False) == 2 * 4 * 64 * 197 * 197
 
 
 def test_kernel_in_bfloat16_stays_close_to_float32_attention():
     w = jax.random.normal(jax.random.key(1), (2, 50, 2, 64), jnp.float32)
     with pltpu.force_tpu_interpret_mode():
-        out = jax.jit(lambda w: tm.self_attend(w, mesh=None))(w.astype(jnp.bfloat16))
+        out = jax.jit(lambda w: tm.self_attend(w, causal=False, mesh=None))(w.astype(jnp.bfloat16))
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(out.astype(jnp.float32), _explicit(w), atol=3e-2)
 
@@ -52,21 +70,23 @@ def test_blocks_fill_lanes_and_stay_small():
 def test_per_device_wrapper_on_a_mesh_equals_unsharded(monkeypatch):
     """Batch over (data, fsdp), heads over tensor. The kernel is replaced by the explicit form here (JAX's TPU
     interpreter runs one device at a time); what is tested is the split and the layout around it."""
-    def local(x, k, p):
+    def local(x, k, p, causal):
         b, t, _ = x.shape
-        return _explicit(x.reshape(b, t, k, p)).reshape(b, t, k * p)
+        y = x.reshape(b, t, k, p)
+        return L.attend(y, y, y, impl="explicit", causal=causal).reshape(b, t, k * p)
     monkeypatch.setattr(tm, "_attention", local)
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
     w = jax.random.normal(jax.random.key(2), (8, 20, 4, 8), jnp.float32)
-    sharded = jax.jit(lambda w: tm.self_attend(w, mesh=mesh))(w)
-    np.testing.assert_allclose(sharded, _explicit(w), atol=1e-6)
+    for causal in (False, True):
+        sharded = jax.jit(lambda w: tm.self_attend(w, causal=causal, mesh=mesh))(w)
+        np.testing.assert_allclose(sharded, L.attend(w, w, w, impl="explicit", causal=causal), atol=1e-6)
     odd = w[:6, :, :3]  # a batch and heads the mesh does not divide stay whole on every device (still correct)
-    np.testing.assert_allclose(jax.jit(lambda w: tm.self_attend(w, mesh=mesh))(odd), _explicit(odd), atol=1e-6)
+    np.testing.assert_allclose(jax.jit(lambda w: tm.self_attend(w, causal=False, mesh=mesh))(odd), _explicit(odd), atol=1e-6)
 
 
-def test_mssa_uses_the_kernel_only_on_tpu_for_short_bidirectional_sequences():
-    assert tm.worth_it(197, False) and tm.worth_it(512, False)
-    assert not tm.worth_it(513, False) and not tm.worth_it(197, True)
+def test_mssa_uses_the_kernel_only_on_tpu_for_sequences_it_holds_whole():
+    assert tm.worth_it(197, False) and tm.worth_it(512, False) and tm.worth_it(1024, True)
+    assert not tm.worth_it(785, False) and not tm.worth_it(1025, True)
     cpu_mesh = Mesh(np.array(jax.devices()[:2]).reshape(2, 1, 1), ("data", "fsdp", "tensor"))
     w = jax.random.normal(jax.random.key(3), (2, 5, 2, 4), jnp.float32)
     with act_sharding.activation_mesh(cpu_mesh):  # CPU: the explicit form, same numbers
@@ -95,9 +115,9 @@ def test_compiled_for_a_tpu_slice_the_kernel_runs_per_chip_and_is_costed():
     w = jax.ShapeDtypeStruct((b, t, k, p), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
     text = jax.jit(jax.grad(loss)).lower(w).compile().as_text()
     calls = {c.name.split(".")[0]: c for c in hlo_cost.Breakdown.of(text).charges if c.opcode == "custom-call"}
-    assert set(calls) == {"mssa_short_fwd", "mssa_short_bwd"}
+    assert set(calls) == {"mssa_fwd", "mssa_bwd"}
     pairs = (b // 4) * k * t * t * p  # per chip
-    assert (calls["mssa_short_fwd"].flops, calls["mssa_short_bwd"].flops) == (2 * 2 * pairs, 2 * 4 * pairs)
+    assert (calls["mssa_fwd"].flops, calls["mssa_bwd"].flops) == (2 * 2 * pairs, 2 * 4 * pairs)
     assert "bf16[4,197,768]" in text
 
 

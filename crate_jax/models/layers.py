@@ -184,12 +184,12 @@ def attend(q, k, v, *, impl: str, causal: bool = False, mask: jax.Array | None =
 
 
 def self_attend(w, *, impl: str, causal: bool = False, mask: jax.Array | None = None) -> jax.Array:
-    """`attend(w, w, w)`: MSSA's attention, one tensor as query, key and value. 'fused' on a TPU runs the
-    short-sequence kernel (`tpu_mssa`: non-causal, up to 512 tokens, no `mask`), else `attend`."""
+    """`attend(w, w, w)`: MSSA's attention, one tensor as query, key and value. 'fused' on a TPU runs MSSA's
+    own kernel (`tpu_mssa`: up to 1,024 tokens, causal or not, no `mask`), else `attend`."""
     if impl == "fused" and mask is None and tpu_mssa.worth_it(w.shape[1], causal):
         mesh = act_sharding.active_mesh()
         if tpu_attention.on_tpu(mesh):
-            return tpu_mssa.self_attend(w, mesh=mesh)
+            return tpu_mssa.self_attend(w, causal=causal, mesh=mesh)
     return attend(w, w, w, impl=impl, causal=causal, mask=mask)
 
 
