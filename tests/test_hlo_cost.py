@@ -93,6 +93,49 @@ def test_v6e_forms_async_slices_and_mesh_groups_with_a_device_order():
     assert by_name["slice-start.1"].bytes == 2 * 1024 and "slice-done.1" not in by_name  # read + write the slice
 
 
+SCANNED = """HloModule jit_step, is_scheduled=true
+
+%slice_and_scale (p0: f32[12,64,256], p1: s32[]) -> f32[64,256] {
+  %p0 = f32[12,64,256]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %ds = f32[1,64,256]{2,1,0} dynamic-slice(%p0, %p1, %z, %z), dynamic_slice_sizes={1,64,256}
+  ROOT %r = f32[64,256]{1,0} reshape(%ds)
+}
+
+%outer (q0: f32[12,64,256], q1: s32[], q2: f32[64,256]) -> f32[64,256] {
+  %q0 = f32[12,64,256]{2,1,0} parameter(0)
+  %q1 = s32[] parameter(1)
+  %q2 = f32[64,256]{1,0} parameter(2)
+  %inner = f32[64,256]{1,0} fusion(%q0, %q1), kind=kLoop, calls=%slice_and_scale
+  ROOT %m = f32[64,256]{1,0} multiply(%inner, %q2)
+}
+
+%whole (w0: f32[12,64,256]) -> f32[12,64,256] {
+  %w0 = f32[12,64,256]{2,1,0} parameter(0)
+  ROOT %n = f32[12,64,256]{2,1,0} negate(%w0)
+}
+
+ENTRY %main (stack: f32[12,64,256], i: s32[], x: f32[64,256]) -> f32[64,256] {
+  %stack = f32[12,64,256]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %x = f32[64,256]{1,0} parameter(2)
+  %fusion.1 = f32[64,256]{1,0} fusion(%stack, %i, %x), kind=kLoop, calls=%outer
+  %fusion.2 = f32[12,64,256]{2,1,0} fusion(%stack), kind=kLoop, calls=%whole
+  ROOT %t = (f32[64,256], f32[12,64,256]) tuple(%fusion.1, %fusion.2)
+}
+"""
+
+
+def test_a_layer_s_slice_of_a_stacked_array_read_inside_a_nested_fusion_counts_the_slice():
+    """A scanned layer reads its slice of the stacked `[depth, ...]` arrays through a dynamic-slice that XLA
+    often puts in a fusion nested inside the consumer: the slice is what is read, not all 12 layers."""
+    by_name = {c.name: c for c in H.Breakdown.of(SCANNED).charges}
+    layer = 64 * 256 * 4
+    assert by_name["fusion.1"].in_bytes == layer + 4 + layer  # one layer's slice, the index, x
+    assert by_name["fusion.2"].in_bytes == 12 * layer  # an elementwise op on the whole stack reads all of it
+
+
 def test_tpu_batched_matmul_written_as_convolution_counts_its_flops():
     conv = H.Instr("c", "convolution", "f32[512,16,37,37]{2,3,1,0}",
                    "bf16[512,37,16,64]{3,1,2,0}, bf16[512,37,16,64]{3,1,2,0}",
@@ -124,8 +167,8 @@ def test_flash_kernels_read_the_blocks_they_stream_again():
     query-side operands (q, two float32 row statistics) four times; another kernel reads its operands once."""
     q, stat = "bf16[2,4,1024,64]", "f32[2,4,1024,128]"
     nq, ns = 2 * 4 * 1024 * 64 * 2, 2 * 4 * 1024 * 128 * 4
-    assert H.flash_forward_block(["fusion.1", "flash_mha_bwd_dq_block_q_major_256_block_k_major_256.2"]) == 256
-    assert H.flash_forward_block(["flash_attention.1"]) == 128
+    assert H.kernel_cost.flash_forward_block(["fusion.1", "flash_mha_bwd_dq_block_q_major_256_block_k_major_256.2"]) == 256
+    assert H.kernel_cost.flash_forward_block(["flash_attention.1"]) == 128
     assert H.kernel_reads("flash_attention.3", [q, q, q], 256) == 3 * nq + 3 * 2 * nq
     assert H.kernel_reads("flash_mha_bwd_dq_block_q_major_256_block_k_major_256", [q, q, q, stat, stat]) == (
         3 * nq + 2 * ns + 3 * 2 * nq)

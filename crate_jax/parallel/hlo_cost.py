@@ -12,8 +12,8 @@ count when the compiler records it as `known_trip_count`):
   `-done` half of an async pair cost nothing.
 * FLOPs: `2 · |output| · |contracted dims|` for every `dot` and `convolution` inside it (the matmuls,
   which are what the MFU counts), and for a TPU kernel's custom call (Pallas flash attention) the
-  kernel's own cost estimate or, for its backward kernels, their matmuls (`custom_call_flops`); its HBM
-  reads include the blocks a flash-attention kernel streams more than once (`kernel_reads`).
+  kernel's own cost estimate or, for its backward kernels, their matmuls (`kernel_cost.flops`); its HBM
+  reads include the blocks a flash-attention kernel streams more than once (`kernel_cost.reads`).
 * collectives (`all-gather`, `reduce-scatter`, `all-reduce`, `all-to-all`, `collective-permute`, sync or
   async): their bytes (the larger of operand and result) and the size of their replica groups.
 
@@ -28,7 +28,8 @@ import collections
 import dataclasses
 import math
 import re
-from collections.abc import Iterable
+
+from crate_jax.parallel import kernel_cost
 
 DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4,
                "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16,
@@ -187,29 +188,9 @@ def dot_flops(instr: Instr, operand_types: str | None = None) -> float:
     return 0.0
 
 
-_COST_ESTIMATE = re.compile(r'cost_estimate\\*"\s*:\s*\{\\*"flops\\*"\s*:\s*\\*"?(\d+)')
-# Pallas kernels that carry no cost estimate, by the name the kernel gives its custom call: matmuls per
-# (query, key) pair and head dimension, from operand 0 `q [B, K, T, p]` and operand 1 `k [B, K, S, p]`. The
-# flash-attention backward recomputes the scores: dK/dV runs QKᵀ, dO Vᵀ, Pᵀ dO, dSᵀ Q (4 matmuls), dQ runs
-# QKᵀ, dO Vᵀ, dS K (3). Like the forward kernel's own estimate, a causal kernel is counted in full.
-_KERNEL_MATMULS = {"flash_mha_bwd_dkv": 4, "flash_mha_bwd_dq": 3}
-
-
 def custom_call_flops(instr: Instr, operand_types: str) -> float:
-    """FLOPs of a TPU kernel's custom call: its own `cost_estimate` when the kernel wrote one, else the
-    `_KERNEL_MATMULS` count for a kernel named there, else 0 (XLA knows nothing about an opaque kernel)."""
-    m = _COST_ESTIMATE.search(instr.attrs)
-    if m:
-        return float(m.group(1))
-    for prefix, matmuls in _KERNEL_MATMULS.items():
-        if instr.name.startswith(prefix):
-            ops = _dims(operand_types)
-            if len(ops) > 1 and len(ops[0]) == 4 and len(ops[1]) == 4:
-                return 2.0 * matmuls * math.prod(ops[0]) * ops[1][2]
-    return 0.0
-
-
-_FLASH_BWD_BLOCK = re.compile(r"^flash_mha_bwd_dq_block_q_major_(\d+)")
+    """FLOPs of a TPU kernel's custom call (`kernel_cost.flops`)."""
+    return kernel_cost.flops(instr.name, instr.attrs, _dims(operand_types))
 
 
 def _is_kernel(ins: Instr) -> bool:
@@ -217,32 +198,10 @@ def _is_kernel(ins: Instr) -> bool:
     return ins.opcode == "custom-call" and not ins.called()
 
 
-def flash_forward_block(names: Iterable[str]) -> int:
-    """The query block of a module's flash-attention forward kernel: its name does not say it, the dQ kernel's
-    name does (`crate_jax.models.tpu_attention` uses one block size for all three); the kernel's default 128
-    when the module has no backward kernel."""
-    return next((int(m.group(1)) for n in names if (m := _FLASH_BWD_BLOCK.match(n))), 128)
-
-
 def kernel_reads(name: str, operands: list[str], forward_block: int = 128) -> int:
-    """HBM bytes a flash-attention kernel reads: every operand once, plus the blocks it streams again. The
-    forward and dQ kernels stream all of K and V once per query block (`T / block`); the dK/dV kernel streams
-    all of its query-side operands (q, dO and the row statistics) once per key block. A causal kernel skips the
-    blocks above the diagonal; it is counted in full (an upper bound). Any other kernel: its operands once."""
-    sizes = [shape_bytes(o) for o in operands]
-    dims = [d[0] if (d := _dims(o)) else [] for o in operands]
-    total = sum(sizes)
-    if len(dims) < 3 or len(dims[0]) != 4 or len(dims[1]) != 4:
-        return total
-    if name.startswith("flash_attention") or name.startswith("flash_mha_bwd_dq"):
-        m = re.search(r"block_q_major_(\d+)", name)
-        blocks = dims[0][2] // (int(m.group(1)) if m else forward_block)
-        return total + max(blocks - 1, 0) * (sizes[1] + sizes[2])
-    if name.startswith("flash_mha_bwd_dkv"):
-        m = re.search(r"block_k_major_(\d+)", name)
-        blocks = dims[1][2] // (int(m.group(1)) if m else 128)
-        return total + max(blocks - 1, 0) * (total - sizes[1] - sizes[2])
-    return total
+    """HBM bytes a TPU kernel reads, from its operands' type texts (`kernel_cost.reads`)."""
+    return kernel_cost.reads(name, [shape_bytes(o) for o in operands], [d[0] if (d := _dims(o)) else [] for o in operands],
+                             forward_block)
 
 
 def _window(attrs: str, key: str, n: int, default: int) -> list[int]:
@@ -394,6 +353,25 @@ def _operand_list(mod: "Module", ins: Instr) -> list[str]:
     return out
 
 
+def _sliced_read(mod: "Module", uses: list[tuple[Instr, int]], full: int, depth: int = 0) -> int:
+    """Bytes a fused computation reads of a parameter with these `(user, operand position)` uses: the sizes of
+    its dynamic slices when it is read only through them, directly or as a nested fusion's parameter (how a
+    scanned layer reads its slice of the stacked per-layer arrays); else all `full` bytes."""
+    total = 0
+    for u, pos in uses:
+        if u.opcode == "dynamic-slice" and pos == 0:
+            total += shape_bytes(u.result)
+            continue
+        body = mod.comps.get(u.called()[0], []) if u.opcode == "fusion" and u.called() and depth < 4 else []
+        inner = next((i.name for i in body if i.opcode == "parameter" and i.operands.strip() == str(pos)), None)
+        if inner is None:
+            return full
+        total += _sliced_read(mod, [(i, p) for i in body for p, n in enumerate(re.findall(r"%([\w.\-]+)",
+                                                                                           i.operands)) if n == inner],
+                              full, depth + 1)
+    return min(full, total) if uses else full
+
+
 def _io_bytes(mod: "Module", ins: Instr) -> tuple[int, int]:
     """`(bytes read, bytes written)` of a top-level op. In-place updates count their slice, not the whole buffer:
     a `dynamic-update-slice` reads and writes its update, a `dynamic-slice` reads what it returns; inside a
@@ -436,13 +414,7 @@ def _io_bytes(mod: "Module", ins: Instr) -> tuple[int, int]:
     read = 0
     for name, idx in params.items():
         full = shape_bytes(operands[idx]) if idx < len(operands) else 0
-        uses = users[name]
-        if name in in_place:
-            read += in_place[name]
-        elif uses and all(u.opcode == "dynamic-slice" and pos == 0 for u, pos in uses):
-            read += min(full, sum(shape_bytes(u.result) for u, _ in uses))
-        else:
-            read += full
+        read += in_place[name] if name in in_place else _sliced_read(mod, users[name], full)
     written = shape_bytes(ins.result)
     if in_place:
         written -= sum(shape_bytes(mod.types.get(ins.called()[0], {}).get(n, "")) for n in in_place)
@@ -470,7 +442,7 @@ def charges(hlo_text: str) -> list[Charge]:
         return total
 
     out: list[Charge] = []
-    block = flash_forward_block(i.name for c in mod.comps.values() for i in c if _is_kernel(i))
+    block = kernel_cost.flash_forward_block(i.name for c in mod.comps.values() for i in c if _is_kernel(i))
 
     def walk(comp: str, scale: float, seen=()):
         for ins in mod.comps.get(comp, []):
