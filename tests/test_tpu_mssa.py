@@ -24,7 +24,7 @@ def _explicit(w):
 
 
 @pytest.mark.parametrize("shape,causal,rows", [
-    ((2, 197, 4, 64), False, None),  # 197 tokens (ragged), whole; two heads per 128-lane block
+    ((1, 197, 2, 64), False, None),  # 197 tokens (ragged), whole; two heads in one 128-lane block
     ((1, 37, 3, 40), True, None),    # three 40-wide heads: one block holds all of them; causal, whole
     ((1, 50, 2, 16), False, 16),     # query rows in chunks of 16 (16, 16, 16, 2), every chunk sees all keys
     ((1, 50, 2, 16), True, 16),      # causal chunks see keys up to their last row only
@@ -85,8 +85,8 @@ def test_per_device_wrapper_on_a_mesh_equals_unsharded(monkeypatch):
 
 
 def test_mssa_uses_the_kernel_only_on_tpu_for_sequences_it_holds_whole():
-    assert tm.worth_it(197, False) and tm.worth_it(512, False) and tm.worth_it(1024, True)
-    assert not tm.worth_it(785, False) and not tm.worth_it(1025, True)
+    assert tm.worth_it(197, False) and tm.worth_it(785, False) and tm.worth_it(1024, True)
+    assert not tm.worth_it(1025, True) and not tm.worth_it(2048, False)
     cpu_mesh = Mesh(np.array(jax.devices()[:2]).reshape(2, 1, 1), ("data", "fsdp", "tensor"))
     w = jax.random.normal(jax.random.key(3), (2, 5, 2, 4), jnp.float32)
     with act_sharding.activation_mesh(cpu_mesh):  # CPU: the explicit form, same numbers

@@ -158,8 +158,8 @@ def attend(q, k, v, *, impl: str, causal: bool = False, mask: jax.Array | None =
     """Softmax attention `[B, T, K, p] -> [B, T, K, p]` with temperature `1/sqrt(p)`.
 
     `mask` is boolean, broadcastable to `[B, K, T, S]` (True = attend). 'fused' uses the Pallas
-    flash-attention kernel on TPU (causal, 512 tokens or more, no `mask`; `tpu_attention`; MSSA's short
-    sequences take `self_attend`'s kernel instead) and
+    flash-attention kernel on TPU (causal, 512 tokens or more, no `mask`; `tpu_attention`; MSSA up to 1,024
+    tokens takes `self_attend`'s kernel instead) and
     cuDNN's fused kernel on a GPU with 16-bit inputs; everywhere else (CPU, GPU float32, short sequences
     on TPU) it is the explicit form below, which is what `jax.nn.dot_product_attention` computes there too,
     minus the reshapes and transposes of its grouped-query layout (bench/RESULTS.md, "Profiles").

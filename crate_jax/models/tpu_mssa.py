@@ -43,11 +43,11 @@ _BLOCK_BYTES = 1 << 20  # target size of one grid step's `w` block (sequences pe
 
 
 def worth_it(t: int, causal: bool) -> bool:
-    """Sequences MSSA sends to this kernel: causal ones up to `MAX_TOKENS` tokens, bidirectional ones up to
-    `WHOLE` (one chunk). Measured on a v5p-128 (bench/RESULTS.md, "Attention on TPU"): faster for every recipe
-    it takes; on CRATE-α-L/8's 785 bidirectional tokens (compute-bound) the chunked backward's fifth matmul made
-    the step 1 % slower, so longer bidirectional sequences keep the explicit form."""
-    return t <= (MAX_TOKENS if causal else WHOLE)
+    """Sequences MSSA sends to this kernel: up to `MAX_TOKENS` tokens, causal or not. Measured on a v5p-128
+    (bench/RESULTS.md, "Attention on TPU"), every recipe's best layout is faster with it. On CRATE-α-L/8's 785
+    bidirectional tokens the chunked backward's fifth matmul makes a fully rematerialised step 1 % slower, but
+    without the score matrices the step fits without remat, which is 1.25x faster than the explicit form's best."""
+    return t <= MAX_TOKENS
 
 
 def _chunks(t: int, causal: bool) -> list[tuple[int, int, int]]:
