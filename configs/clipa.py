@@ -54,8 +54,10 @@ from ml_collections import ConfigDict
 from crate_jax.configs.common import base_config, parse_args
 
 # (variant, stage) -> (fsdp, image-tower remat) that `aot --plan --topology v5p-128` ranked first at the stage's
-# batch (bench/RESULTS.md "A plan per recipe"; bench/plans/clipa_*__v5p-128.json).
-PLANNED = {("L/14", "pretrain"): (8, "full"), ("H/14", "pretrain"): (8, "full")}
+# batch (bench/RESULTS.md "A plan per recipe"; bench/plans/clipa_*__v5p-128.json): remat dots, compute-bound
+# (L/14 134.9 ms, H/14 256.8 ms; fsdp 64 ties), where saving everything is memory-bound and full remat recomputes;
+# the L/14 fine-tune (224 px) 830.8 ms with remat dots on every device's fsdp axis (78.7 of 95 GiB; all splits tie).
+PLANNED = {("L/14", "pretrain"): (8, "dots"), ("H/14", "pretrain"): (8, "dots"), ("L/14", "finetune"): (-1, "dots")}
 
 STAGES = {  # docs/clipa.md §Recipes
     "pretrain": dict(res=0, steps=78_196, lr=1.024e-3, warmup=1_600),  # res 0: 6 x patch (84 px at /14)

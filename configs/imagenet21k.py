@@ -13,16 +13,19 @@ Adam(0.9, 0.95) with a bf16 first moment, clip 1.0, mixup/cutmix every step, Inc
 Args: variant (default L/14), model=crate_alpha|crate|vit, res, batch, epochs, data_dir, fsdp, tensor, remat
 (none | dots | full). `fsdp` and `remat` default to the layout `python -m crate_jax.aot --plan` chose on a v5p-128
 where one was measured (`PLANNED`, bench/RESULTS.md "A plan per recipe"), else data parallelism with full remat;
-on a machine with fewer than 8 devices, pass fsdp=1.
+on a machine with fewer than 8 devices, pass fsdp=1. The planned remat none keeps every activation of 64 images
+a chip (5 GiB for B/16, 52 GiB for L/8 on a v5p); with many more images a device (a GPU node at batch 4,096),
+pass remat=full.
 """
 
 from ml_collections import ConfigDict
 
 from crate_jax.configs.common import base_config, parse_args
 
-# variant -> (fsdp, remat) chosen by `aot --plan --topology v5p-128` at batch 4096 (bench/RESULTS.md)
-# (L/8: fsdp 64 and data 8 x fsdp 8 tie at 408.5 ms; the groups of 8 match the other variants)
-PLANNED = {"B/16": (8, "full"), "L/14": (8, "full"), "L/8": (8, "full")}
+# variant -> (fsdp, remat) chosen by `aot --plan --topology v5p-128` at batch 4096 (bench/RESULTS.md): with MSSA's
+# TPU kernel no score matrix is saved, so remat none fits and is compute-bound (B/16 21.7 ms, L/14 100.2 ms, L/8
+# 327.2 ms; fsdp 64 and data 8 x fsdp 8 tie, the groups of 8 match the other recipes)
+PLANNED = {"B/16": (8, "none"), "L/14": (8, "none"), "L/8": (8, "none")}
 
 
 def get_config(arg: str = ""):

@@ -45,7 +45,7 @@ dropout, eval_every, eval_windows (0: all), eval_batch, log_every, ckpt_every, s
 tensor:N for `fsdp=-1, tensor=N` | data+tensor:N for `data=-1, tensor=N`).
 
 On a v5p-128 (64 chips) the 480 sequences do not divide over 64 data-parallel chips. `python -m crate_jax.aot
---plan` ranks data 16 x tensor 4 with full remat first there (47.8 ms a step at the roofline, memory-bound;
+--plan` ranks data 16 x tensor 4 with full remat first there (25.2 ms a step at the roofline, memory-bound;
 bench/RESULTS.md "A plan per recipe"): `configs/lm.py:model=crate_alpha,variant=B,mesh=data+tensor:4,remat=full`.
 The defaults stay the 8-GPU node's (data parallel, no remat).
 """

@@ -25,7 +25,7 @@ bicubic RandomResizedCrop.
 Args: variant (T/S/B/L, patch after '/'), res, batch, epochs, steps (overrides epochs), blr, mask_ratio,
 norm_pix (1/0), source (tfds | digits | mnist), name, data_dir, fsdp, tensor, dtype. `fsdp` defaults to -1: every
 device on the fsdp axis (`data=1`), the layout `python -m crate_jax.aot --plan` ranked first for B/16 on a v5p-128
-(29.0 ms against 31.4 for data parallelism, bench/RESULTS.md "A plan per recipe"); fsdp=N > 0 puts N devices on it
+(18.4 ms against 21.1 for data parallelism, bench/RESULTS.md "A plan per recipe"); fsdp=N > 0 puts N devices on it
 and the rest on data.
 """
 

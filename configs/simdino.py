@@ -41,7 +41,7 @@ lr per 256 images), global_size, local_size, n_local, eps_sq, source (tfds | dig
 dataset), data_dir, fsdp, tensor, dtype, loss (simdino | dino), out_dim, teacher_temp,
 warmup_teacher_temp_epochs (DINO), official_vit (0 | 1). `fsdp` (0) defaults to the layout `python -m
 crate_jax.aot --plan` ranked first on a v5p-128 where one was measured (`PLANNED`, measured with the CRATE-α
-backbone: B/16 in FSDP groups of 8 chips, data parallel across, 18.5 ms a step at the roofline against 30.7
+backbone: B/16 in FSDP groups of 8 chips, data parallel across, 15.8 ms a step at the roofline against 27.3
 for data parallelism; bench/RESULTS.md "A plan per recipe"), else 1; with fewer than 8 devices, pass fsdp=1.
 """
 

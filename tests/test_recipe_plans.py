@@ -19,7 +19,7 @@ import plan_recipes  # noqa: E402
 PLANS = os.path.join(REPO, "bench", "plans")
 
 # Recipes whose default is not among the plan's best rows, and why. The best rows: every fitting layout within
-# 1 % of the fastest bound (e.g. IN-21K L/8: fsdp 64 and data 8 x fsdp 8 both at 408.5 ms).
+# 1 % of the fastest bound (e.g. IN-21K L/8: fsdp 64 and data 8 x fsdp 8 both at 327.2 ms, remat none).
 KEPT = {  # recipe -> (why the default differs, the config arguments that select the plan's best on a v5p-128)
     "lm_B": ("nanoGPT's recipe is for one 8-GPU node: its 480 sequences do not divide over 64 data-parallel "
              "chips", "mesh=data+tensor:4,remat=full"),

@@ -5,8 +5,10 @@ The explicit form writes every head's `[T, S]` score matrix to HBM in float32 an
 softmax, the weighted sum and all three in the backward pass; for the memory-bound recipes (CRATE-MAE,
 SimDINO, the 1,024-token LM) those matrices carried a third to a half of a step's HBM bytes on a TPU
 slice (bench/RESULTS.md, "A plan per recipe"). The kernel keeps each block's scores in VMEM and saves only
-the softmax's row statistics for the backward pass. Measured, that pays only for long causal sequences (the
-LM); for the 197-token steps it moves more bytes than it saves (`worth_it`).
+the softmax's row statistics for the backward pass. Measured, that pays only for long causal sequences; for
+the 197-token steps it moves more bytes than it saves (`worth_it`). MSSA, whose query, key and value are one
+tensor, uses its own kernel up to 1,024 tokens (`tpu_mssa`), which beats this one there too; this kernel
+serves standard attention and longer sequences.
 
 The kernel wants `[B, K, T, p]` with `T` and `S` multiples of its 128-row blocks: shorter or ragged
 sequences (e.g. 520 tokens) are zero-padded at the end and the padding is kept out of every real
@@ -44,9 +46,9 @@ def worth_it(t: int, s: int, causal: bool) -> bool:
     the explicit form's 4); it saves two float32 row statistics per query and head, each 128 lanes wide (as
     many bytes as a float32 score row over 256 keys); it pads ragged lengths to whole blocks; and on causal
     attention it skips the blocks above the diagonal. Measured on a v5p-128 (bench/RESULTS.md, "Attention on
-    TPU"): the 1,024-token causal language model's step became 1.3x faster (memory-bound, 47.8 -> 37.0 ms);
-    at 197 tokens CRATE-MAE's became 28 % slower and SimDINO's 4 %; CRATE-α-L/8's 785 tokens (compute-bound
-    with full remat) 7 % slower."""
+    TPU"): the 1,024-token causal language model's step became 1.3x faster (memory-bound, 42.6 -> 31.8 ms;
+    MSSA's own kernel, `tpu_mssa`, which now takes MSSA up to 1,024 tokens, 25.2 ms); at 197 tokens CRATE-MAE's
+    became 28 % slower and SimDINO's 4 %; CRATE-α-L/8's 785 tokens (compute-bound with full remat) 7 % slower."""
     return causal and min(t, s) >= MIN_TOKENS
 
 
