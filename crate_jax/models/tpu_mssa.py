@@ -83,9 +83,14 @@ def _t(a, b):
     return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _nt(a, b):
+    """`a bᵀ` (contracting the columns), float32."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _probs(wq, wk, r0: int, scale: float, causal: bool):
     """Softmax of `wq wkᵀ · scale` over the keys, float32; causal: key `j` hidden from query `r0 + i` if `j > r0 + i`."""
-    s = jax.lax.dot_general(wq, wk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+    s = _nt(wq, wk) * scale
     if causal:
         row = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0) + r0
         s = jnp.where(jax.lax.broadcasted_iota(jnp.int32, s.shape, 1) <= row, s, -jnp.inf)
@@ -126,7 +131,7 @@ def _backward_kernel(w_ref, g_ref, dw_ref, acc_ref, *, n: int, h: int, p: int, t
             rows, ks = pl.ds(r0, r1 - r0), pl.ds(0, keys)
             wq, wk, g = w_ref[i, rows, lanes], w_ref[i, ks, lanes], g_ref[i, rows, lanes]
             prob = _probs(wq, wk, r0, scale, causal)
-            dp = jax.lax.dot_general(g, wk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            dp = _nt(g, wk)
             ds = prob * (dp - jnp.sum(prob * dp, axis=-1, keepdims=True)) * scale
             value = _t(prob.astype(g.dtype), g)
             if len(chunks) == 1:
