@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from crate_jax.models import layers as L
+from crate_jax.models.act_sharding import constrain_tokens
 from crate_jax.models.config import BlockConfig
 
 
@@ -48,7 +49,7 @@ class CrateBlock(nnx.Module):
     def __call__(self, x, *, key=None, drop_rate=0.0, mask=None, capture=None):
         k_drop, k_path = _keys(key, 2)
         y = L.dropout(self.mssa(self.ln1(x), mask=mask, capture=capture), self.dropout, k_drop)
-        z = x + L.drop_path(y, drop_rate, k_path)
+        z = constrain_tokens(x + L.drop_path(y, drop_rate, k_path))  # models/act_sharding.py
         out = self.ista(self.ln2(z))
         if capture is not None:
             capture["code"] = out  # the ISTA output Z^{l+1} is the sparse code itself
@@ -72,7 +73,7 @@ class CrateAlphaBlock(nnx.Module):
     def __call__(self, x, *, key=None, drop_rate=0.0, mask=None, capture=None):
         k1, k2, k3, k4 = _keys(key, 4)
         y = L.dropout(self.mssa(self.ln1(x), mask=mask, capture=capture), self.dropout, k1)
-        x = x + L.drop_path(y, drop_rate, k2)
+        x = constrain_tokens(x + L.drop_path(y, drop_rate, k2))  # models/act_sharding.py
         y = L.dropout(self.odl(self.ln2(x), capture=capture), self.dropout, k3)
         y = L.drop_path(y, drop_rate, k4)
         return x + y if self.residual else y
@@ -102,7 +103,7 @@ class ViTBlock(nnx.Module):
     def __call__(self, x, *, key=None, drop_rate=0.0, mask=None, capture=None):
         k1, k2, k3, k4 = _keys(key, 4)
         y = L.dropout(self.attn(self.ln1(x), mask=mask, capture=capture), self.dropout, k1)
-        x = x + L.drop_path(y, drop_rate, k2)
+        x = constrain_tokens(x + L.drop_path(y, drop_rate, k2))  # models/act_sharding.py
         y = L.dropout(self.mlp(self.ln2(x), capture=capture), self.dropout, k3)
         return x + L.drop_path(y, drop_rate, k4)
 

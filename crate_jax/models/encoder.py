@@ -53,7 +53,7 @@ class Encoder(nnx.Module):
             block = nnx.merge(graphdef, p)
             cap = {} if capture else None
             y = block(x, key=k, drop_rate=rate if self.drop_path else 0.0, mask=mask, capture=cap)
-            y = constrain(y)  # batch-sharded between blocks (models/act_sharding.py)
+            y = constrain(y, seq_dim=1)  # batch- and token-sharded between blocks (models/act_sharding.py)
             if capture:
                 cap["out"] = y
             return y, (cap or {})
@@ -62,7 +62,7 @@ class Encoder(nnx.Module):
         if self.remat != "none":
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=not self.scan)
 
-        x = constrain(x)
+        x = constrain(x, seq_dim=1)
         if self.scan:
             return jax.lax.scan(layer, x, (params, keys, rates))
         leaves, treedef = jax.tree.flatten((params, keys, rates))
