@@ -15,7 +15,9 @@ Sources, and what each fixes:
   + flip, `norm_pix_loss=True`. Any CRATE-MAE-specific change to it is **not confirmed**.
 
 Differences: our crop is the package's Inception crop (TF-style box, bilinear) instead of torchvision's
-bicubic RandomResizedCrop.
+bicubic RandomResizedCrop. MAE's fp16 autocast becomes bfloat16 compute over float32 parameters: `dtype=auto`
+(the default) is bfloat16 on the ImageNet source and float32 on the offline ones (`digits`, `mnist`: CPU runs);
+the loss is computed in float32.
 
     python -m crate_jax.train --config configs/mae.py:variant=B/16,data_dir=gs://BUCKET/tfds \\
         --workdir gs://BUCKET/runs/crate_mae_b16
@@ -36,11 +38,12 @@ from crate_jax.configs.common import base_config, parse_args
 
 def get_config(arg: str = ""):
     a = parse_args(arg, variant="B/16", res=224, batch=4096, epochs=800, steps=0, blr=1.5e-4, mask_ratio=0.75,
-                   norm_pix=True, source="tfds", name="imagenet2012", data_dir="", fsdp=-1, tensor=1, dtype="float32")
+                   norm_pix=True, source="tfds", name="imagenet2012", data_dir="", fsdp=-1, tensor=1, dtype="auto")
     c = base_config()
     c.task = "mae"
     c.res = a.res
-    c.model = ConfigDict(dict(variant=a.variant, mask_ratio=a.mask_ratio, norm_pix_loss=a.norm_pix, dtype=a.dtype))
+    dtype = a.dtype if a.dtype != "auto" else "bfloat16" if a.source == "tfds" else "float32"
+    c.model = ConfigDict(dict(variant=a.variant, mask_ratio=a.mask_ratio, norm_pix_loss=a.norm_pix, dtype=dtype))
     c.data = ConfigDict(dict(source=a.source, name=a.name, data_dir=a.data_dir or None, train_split="train",
                              eval_split="validation" if a.source == "tfds" else "test", augment="inception_crop",
                              area_min=20, flip=True, randaug=None))

@@ -24,7 +24,9 @@ temperature 0.04 → `teacher_temp` (0.07) over `warmup_teacher_temp_epochs` (30
 `crate_jax.models.config`); the default is the big_vision-style ViT. The schedules follow DINO's
 `cosine_scheduler` grid (`optim.dino_schedule`).
 
-Not reproduced: fp16 autocast and `torch.compile` (we train in float32, or bfloat16 with `dtype=`); Adam's
+fp16 autocast becomes bfloat16 compute over float32 parameters: `dtype=auto` (the default) is bfloat16 on the
+ImageNet source and float32 on the offline ones (`digits`, `mnist`: CPU runs); the loss's log-determinant stays
+float32 (`loss.logdet_dtype`). Not reproduced: `torch.compile`; Adam's
 bias correction of the frozen DINO last layer counts from step 0, torch's from its first update. The
 paper's text could not be read from this workplace; where it and the code differ, the code is what this
 file follows.
@@ -57,14 +59,15 @@ PLANNED = {"B/16": 8}
 def get_config(arg: str = ""):
     a = parse_args(arg, model="vit", variant="B/16", batch=512, epochs=100, steps=0, lr=5e-4, global_size=224,
                    local_size=96, n_local=10, eps_sq=0.05, source="tfds", name="imagenet2012", data_dir="", fsdp=0,
-                   tensor=1, dtype="float32", loss="simdino", out_dim=65536, teacher_temp=0.07,
+                   tensor=1, dtype="auto", loss="simdino", out_dim=65536, teacher_temp=0.07,
                    warmup_teacher_temp_epochs=30, official_vit=0)
     if a.loss not in ("simdino", "dino"):
         raise ValueError(f"configs/simdino.py: loss={a.loss!r}, expected simdino or dino")
     c = base_config()
     c.task = "simdino"
     c.model = ConfigDict(dict(name=a.model, variant=a.variant, head_hidden=2048, head_dim=256, head_layers=3,
-                              drop_path=0.1, dtype=a.dtype))
+                              drop_path=0.1,
+                              dtype=a.dtype if a.dtype != "auto" else "bfloat16" if a.source == "tfds" else "float32"))
     if a.official_vit:  # the official DINO / SimDINO ViT: its init, the erf GELU, its local-crop table resampling
         c.model.update(init="dino", gelu="erf", pos_resize="dino")
     # one epoch of ImageNet (1,281,167 images); with steps=N, one of `epochs` equal parts of the run
