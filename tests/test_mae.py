@@ -110,3 +110,14 @@ def test_tables_are_the_official_ones_and_other_tables_are_refused():
     del sd["extra.weight"]
     with pytest.raises(WeightsError, match="decoder_pos_embed: differs from the official fixed 2-D sincos"):
         crate_mae.import_tensors(sd, num_heads=HEADS)
+
+
+@pytest.mark.parametrize("variant", ["T/16", "B/16"])
+def test_analytic_flops_match_xla(variant):
+    """The count MFU is reported against (`mae_forward_flops`) is XLA's count of the forward pass, to 2 %."""
+    from crate_jax.models.mae import mae_forward_flops
+    cfg = mae_config(variant)
+    graphdef, state = nnx.split(registry.abstract(cfg))
+    fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    cost = fwd.lower(state, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)).cost_analysis()
+    assert abs(cost["flops"] / mae_forward_flops(cfg) - 1) < 0.02

@@ -291,10 +291,11 @@ def build_mae(cfg: MAEConfig, seed: int | jax.Array = 0) -> CrateMAE:
 
 
 def mae_forward_flops(cfg: MAEConfig) -> int:
-    """Forward FLOPs per image: stem, encoder and decoder blocks on all L+1 tokens (the decoder block costed
-    as a CRATE block, an over-estimate by two d×d matmuls per token), prediction head."""
-    n = cfg.num_patches
-    stem = 2 * n * cfg.patch_dim * cfg.width
-    blocks = cfg.depth * block_flops(cfg.encoder_block, n + 1)
-    blocks += (cfg.decoder_depth or cfg.depth) * block_flops(cfg.decoder_block, n + 1)
-    return stem + blocks + 2 * (n + 1) * cfg.width * cfg.patch_dim
+    """Forward FLOPs per image (matmuls and attention): stem, encoder and decoder blocks on all L+1 tokens,
+    prediction head. A decoder block is one d×d synthesis matmul and an MSSA (U, attention, out)."""
+    n, d, t = cfg.num_patches, cfg.width, cfg.num_patches + 1
+    stem = 2 * n * cfg.patch_dim * d
+    blocks = cfg.depth * block_flops(cfg.encoder_block, t)
+    decoder = 2 * t * d * d + (2 * t * d * d + 2 * 2 * t * t * d + 2 * t * d * d)
+    blocks += (cfg.decoder_depth or cfg.depth) * decoder
+    return stem + blocks + 2 * t * d * cfg.patch_dim
