@@ -42,17 +42,38 @@ Commands (data first, once; the GPT-2 tokenizer is its `vocab.json` + `merges.tx
 Arguments: model, variant, block, data, vocab (0: the data manifest's; 50257 without data), vocab_multiple,
 steps, batch, micro, lr, min_lr, warmup, wd, width / depth / heads (0: the variant's), dtype, scan, remat,
 dropout, eval_every, eval_windows (0: all), eval_batch, log_every, ckpt_every, seed, mesh (data | fsdp |
-tensor:N for `fsdp=-1, tensor=N` | data+tensor:N for `data=-1, tensor=N`).
+tensor:N for `fsdp=-1, tensor=N` | axes joined by `+`, each AXIS for the rest of the devices or AXIS:N, e.g.
+data+tensor:4 for `data=-1, tensor=4`, data+fsdp:8+tensor:2).
 
 On a v5p-128 (64 chips) the 480 sequences do not divide over 64 data-parallel chips. `python -m crate_jax.aot
---plan` ranks data 16 x tensor 4 with full remat first there (25.2 ms a step at the roofline, memory-bound;
-bench/RESULTS.md "A plan per recipe"): `configs/lm.py:model=crate_alpha,variant=B,mesh=data+tensor:4,remat=full`.
-The defaults stay the 8-GPU node's (data parallel, no remat).
+--plan` ranks four layouts with tensor parallelism and remat dots first there, tied at 18.4 ms a step at the
+roofline, compute-bound (data 32 x tensor 2, data 16 x tensor 4, and either in FSDP groups of 8; the residual
+stream is split along its tokens over tensor, docs/scale.md; bench/RESULTS.md "A plan per recipe"):
+`configs/lm.py:model=crate_alpha,variant=B,mesh=data+tensor:2,remat=dots`. The defaults stay the 8-GPU node's
+(data parallel, no remat).
 """
 
 from ml_collections import ConfigDict
 
 from crate_jax.configs.common import base_config, parse_args
+
+
+def _mesh(spec: str) -> dict:
+    """`data`, `fsdp`, `tensor:N` (fsdp -1, tensor N), or axes joined by `+`, each `AXIS` (-1: the rest of the
+    devices) or `AXIS:N`, the others 1: `data+tensor:4`, `data+fsdp:8+tensor:2`."""
+    parts = spec.split("+")
+    if len(parts) == 1 and spec.startswith("tensor:"):
+        parts = ["fsdp", spec]
+    sizes = dict(data=1, fsdp=1, tensor=1)
+    for part in parts:
+        name, _, n = part.partition(":")
+        if name not in sizes or (n and not n.isdigit()) or (n and int(n) < 1):
+            raise ValueError(f"mesh={spec!r}: expected data, fsdp, tensor:N, or axes joined by '+' "
+                             f"(each AXIS or AXIS:N, e.g. data+fsdp:8+tensor:2)")
+        sizes[name] = int(n) if n else -1
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"mesh={spec!r}: at most one axis without a size (it takes the rest of the devices)")
+    return sizes
 
 
 def get_config(arg: str = ""):
@@ -74,16 +95,7 @@ def get_config(arg: str = ""):
     c.batch_size = a.batch
     c.microbatches = a.micro
     c.total_steps = a.steps
-    if a.mesh == "data":
-        c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    elif a.mesh == "fsdp":
-        c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    elif a.mesh.startswith("tensor:"):
-        c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=int(a.mesh.split(":", 1)[1])))
-    elif a.mesh.startswith("data+tensor:"):
-        c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=int(a.mesh.split(":", 1)[1])))
-    else:
-        raise ValueError(f"mesh={a.mesh!r}: expected data, fsdp, tensor:N or data+tensor:N")
+    c.mesh = ConfigDict(_mesh(a.mesh))
     c.optim.update(name="adamw", lr=a.lr, min_lr=a.min_lr, warmup_steps=a.warmup, b1=0.9, b2=0.95, eps=1e-8,
                    wd=a.wd, wd_mask=r".*(kernel|embedding|/D|/D1)", clip=1.0)
     c.init = ConfigDict(dict(checkpoint=None, dont_load=None, posemb_resample=None))

@@ -78,3 +78,18 @@ def test_lm_config_errors_before_compiling(data):
         Setup(c, make_mesh(c.mesh))
     with pytest.raises(ValueError, match="unknown config argument 'blocks'"):
         lm.get_config("blocks=8")
+
+
+@pytest.mark.parametrize("spec,sizes", [
+    ("data", (-1, 1, 1)), ("fsdp", (1, -1, 1)), ("tensor:4", (1, -1, 4)), ("data+tensor:4", (-1, 1, 4)),
+    ("data+fsdp:8+tensor:2", (-1, 8, 2)), ("fsdp:2+tensor:4", (1, 2, 4))])
+def test_mesh_argument(spec, sizes):
+    m = lm.get_config(f"mesh={spec}").mesh
+    assert (m.data, m.fsdp, m.tensor) == sizes
+
+
+@pytest.mark.parametrize("spec,msg", [("data+fsdp", "at most one axis without a size"),
+                                      ("model:2", "expected data, fsdp"), ("tensor:x", "'tensor:x'")])
+def test_bad_mesh_argument_is_named(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        lm.get_config(f"mesh={spec}")

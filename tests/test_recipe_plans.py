@@ -22,7 +22,7 @@ PLANS = os.path.join(REPO, "bench", "plans")
 # 1 % of the fastest bound (e.g. IN-21K L/8: fsdp 64 and data 8 x fsdp 8 both at 327.2 ms, remat none).
 KEPT = {  # recipe -> (why the default differs, the config arguments that select the plan's best on a v5p-128)
     "lm_B": ("nanoGPT's recipe is for one 8-GPU node: its 480 sequences do not divide over 64 data-parallel "
-             "chips", "mesh=data+tensor:4,remat=full"),
+             "chips", "mesh=data+tensor:2,remat=dots"),
 }
 TIE = 1.01
 _DEFAULT_REMAT = BlockConfig.__dataclass_fields__["remat"].default
