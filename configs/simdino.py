@@ -43,8 +43,9 @@ lr per 256 images), global_size, local_size, n_local, eps_sq, source (tfds | dig
 dataset), data_dir, fsdp, tensor, dtype, loss (simdino | dino), out_dim, teacher_temp,
 warmup_teacher_temp_epochs (DINO), official_vit (0 | 1). `fsdp` (0) defaults to the layout `python -m
 crate_jax.aot --plan` ranked first on a v5p-128 where one was measured (`PLANNED`, measured with the CRATE-α
-backbone: B/16 in FSDP groups of 8 chips, data parallel across, 15.8 ms a step at the roofline against 27.3
-for data parallelism; bench/RESULTS.md "A plan per recipe"), else 1; with fewer than 8 devices, pass fsdp=1.
+backbone in bfloat16: B/16 in FSDP groups of 8 chips, data parallel across, 12.2 ms a step at the roofline,
+compute-bound, against 16.3 for data parallelism; bench/RESULTS.md "A plan per recipe"), else 1; with fewer than
+8 devices, pass fsdp=1.
 """
 
 from ml_collections import ConfigDict
@@ -52,7 +53,8 @@ from ml_collections import ConfigDict
 from crate_jax.configs.common import base_config, parse_args
 
 
-# variant -> fsdp chosen by `aot --plan --topology v5p-128` at batch 512 (bench/plans/simdino_B16__v5p-128.json)
+# variant -> fsdp chosen by `aot --plan --topology v5p-128` at batch 512 in bfloat16
+# (bench/plans/simdino_B16__v5p-128.json)
 PLANNED = {"B/16": 8}
 
 
