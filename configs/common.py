@@ -21,6 +21,14 @@ def parse_args(arg: str, **defaults) -> ConfigDict:
     return ConfigDict(out)
 
 
+def auto_dtype(dtype: str, source: str) -> str:
+    """`dtype=auto`: bfloat16 compute on the ImageNet source (`tfds`, a TPU or GPU run: the official recipes'
+    fp16 autocast), float32 on the offline sources that run on CPU; any other value as given."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if source == "tfds" else "float32"
+
+
 def base_config() -> ConfigDict:
     c = ConfigDict()
     c.update(ENGINE_DEFAULTS)  # task, seed, microbatches, log / eval / checkpoint intervals (one table)

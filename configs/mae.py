@@ -34,7 +34,7 @@ it and the rest on data.
 
 from ml_collections import ConfigDict
 
-from crate_jax.configs.common import base_config, parse_args
+from crate_jax.configs.common import auto_dtype, base_config, parse_args
 
 
 def get_config(arg: str = ""):
@@ -43,8 +43,8 @@ def get_config(arg: str = ""):
     c = base_config()
     c.task = "mae"
     c.res = a.res
-    dtype = a.dtype if a.dtype != "auto" else "bfloat16" if a.source == "tfds" else "float32"
-    c.model = ConfigDict(dict(variant=a.variant, mask_ratio=a.mask_ratio, norm_pix_loss=a.norm_pix, dtype=dtype))
+    c.model = ConfigDict(dict(variant=a.variant, mask_ratio=a.mask_ratio, norm_pix_loss=a.norm_pix,
+                              dtype=auto_dtype(a.dtype, a.source)))
     c.data = ConfigDict(dict(source=a.source, name=a.name, data_dir=a.data_dir or None, train_split="train",
                              eval_split="validation" if a.source == "tfds" else "test", augment="inception_crop",
                              area_min=20, flip=True, randaug=None))

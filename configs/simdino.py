@@ -50,7 +50,7 @@ compute-bound, against 16.3 for data parallelism; bench/RESULTS.md "A plan per r
 
 from ml_collections import ConfigDict
 
-from crate_jax.configs.common import base_config, parse_args
+from crate_jax.configs.common import auto_dtype, base_config, parse_args
 
 
 # variant -> fsdp chosen by `aot --plan --topology v5p-128` at batch 512 in bfloat16
@@ -68,8 +68,7 @@ def get_config(arg: str = ""):
     c = base_config()
     c.task = "simdino"
     c.model = ConfigDict(dict(name=a.model, variant=a.variant, head_hidden=2048, head_dim=256, head_layers=3,
-                              drop_path=0.1,
-                              dtype=a.dtype if a.dtype != "auto" else "bfloat16" if a.source == "tfds" else "float32"))
+                              drop_path=0.1, dtype=auto_dtype(a.dtype, a.source)))
     if a.official_vit:  # the official DINO / SimDINO ViT: its init, the erf GELU, its local-crop table resampling
         c.model.update(init="dino", gelu="erf", pos_resize="dino")
     # one epoch of ImageNet (1,281,167 images); with steps=N, one of `epochs` equal parts of the run

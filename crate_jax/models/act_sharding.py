@@ -56,8 +56,7 @@ def constrain(x: jax.Array, batch_dim: int = 0, seq_dim: int | None = None) -> j
     axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
     if axes and x.shape[batch_dim] % math.prod(mesh.shape[a] for a in axes) == 0:
         spec[batch_dim] = axes if len(axes) > 1 else axes[0]
-    t = mesh.shape.get(SEQUENCE_AXIS, 1)
-    if seq_dim is not None and t > 1 and x.shape[seq_dim] % t == 0:
+    if seq_dim is not None and _tokens_divide(mesh, x, seq_dim):
         spec[seq_dim] = SEQUENCE_AXIS
     if all(s is None for s in spec):
         return x
@@ -68,7 +67,10 @@ def constrain_tokens(x: jax.Array, seq_dim: int = 1) -> jax.Array:
     """Inside a block: `constrain(x, seq_dim=seq_dim)` where the mesh has a `tensor` axis dividing the tokens,
     else `x` unchanged (its batch sharding propagates from the block's input)."""
     mesh = getattr(_ACTIVE, "mesh", None)
+    return constrain(x, seq_dim=seq_dim) if _tokens_divide(mesh, x, seq_dim) else x
+
+
+def _tokens_divide(mesh: Mesh | None, x: jax.Array, seq_dim: int) -> bool:
+    """Whether `mesh` has a `tensor` axis of more than one device that divides `x`'s tokens."""
     t = 1 if mesh is None else mesh.shape.get(SEQUENCE_AXIS, 1)
-    if t == 1 or x.shape[seq_dim] % t:
-        return x
-    return constrain(x, seq_dim=seq_dim)
+    return t > 1 and x.shape[seq_dim] % t == 0
