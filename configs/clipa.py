@@ -55,9 +55,11 @@ from crate_jax.configs.common import base_config, parse_args
 
 # (variant, stage) -> (fsdp, image-tower remat) that `aot --plan --topology v5p-128` ranked first at the stage's
 # batch (bench/RESULTS.md "A plan per recipe"; bench/plans/clipa_*__v5p-128.json): remat dots, compute-bound
-# (L/14 134.9 ms, H/14 256.8 ms; fsdp 64 ties), where saving everything is memory-bound and full remat recomputes;
-# the L/14 fine-tune (224 px) 830.8 ms with remat dots on every device's fsdp axis (78.7 of 95 GiB; all splits tie).
-PLANNED = {("L/14", "pretrain"): (8, "dots"), ("H/14", "pretrain"): (8, "dots"), ("L/14", "finetune"): (-1, "dots")}
+# (B/16 53.8 ms, L/14 134.9 ms, H/14 256.8 ms; fsdp 64 ties), where saving everything is memory-bound and full
+# remat recomputes; the fine-tunes (224 px) on every device's fsdp axis with remat dots, B/16 196.9 ms and L/14
+# 830.8 ms (78.7 of 95 GiB; all splits tie).
+PLANNED = {("B/16", "pretrain"): (8, "dots"), ("L/14", "pretrain"): (8, "dots"), ("H/14", "pretrain"): (8, "dots"),
+           ("B/16", "finetune"): (-1, "dots"), ("L/14", "finetune"): (-1, "dots")}
 
 STAGES = {  # docs/clipa.md §Recipes
     "pretrain": dict(res=0, steps=78_196, lr=1.024e-3, warmup=1_600),  # res 0: 6 x patch (84 px at /14)
@@ -84,17 +86,21 @@ def get_config(arg: str = ""):
     c.txt_len = a.txt_len
     c.batch_size = a.batch
     c.total_steps = a.steps or stage["steps"]
-    big = a.width == 0 and a.variant.split("/")[0] in ("L", "H", "g", "G", "e")
+    tower = a.variant.split("/")[0] if a.width == 0 else ""
+    big = tower in ("L", "H", "g", "G", "e")
+    # A pod-sized tower (B and up, no size override) computes in bfloat16 over float32 parameters and scans its
+    # blocks (one block compiled); the small towers of the demo and tests stay float32 and unrolled.
+    pod = big or tower == "B"
     # The layout `aot --plan` ranked first on a v5p-128 (PLANNED); else ZeRO-3 over every device (fsdp=-1: it
     # also runs on one device) with full per-block remat for the big towers (docs/math.md §CLIPA).
     planned = PLANNED.get((a.variant, a.stage)) if a.width == 0 else None
     fsdp, remat = planned or (-1, "full" if big else "none")
     fsdp, remat = a.fsdp or fsdp, a.remat or remat
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1) if fsdp == -1 else dict(data=-1, fsdp=fsdp, tensor=1))
-    image = dict(name=a.model, variant=a.variant, dtype="bfloat16" if big else "float32", remat=remat, scan=big)
+    image = dict(name=a.model, variant=a.variant, dtype="bfloat16" if pod else "float32", remat=remat, scan=pod)
     image.update({k: v for k, v in dict(width=a.width, depth=a.depth, num_heads=a.heads).items() if v})
     text = dict(variant=a.text, model=a.text_model, vocab_size=a.vocab_size, pool=a.text_pool, pad_mask=a.pad_mask,
-                dtype="bfloat16" if big else "float32", scan=a.text in ("L", "H"))
+                dtype="bfloat16" if pod else "float32", scan=a.text in ("L", "H"))
     c.model = ConfigDict(dict(image=image, text=text, out_dim=a.out_dim, loss=a.loss, mask_ratio=a.mask_ratio,
                               temperature_init=a.temperature or None))
 
