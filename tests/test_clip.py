@@ -247,6 +247,15 @@ def test_recipe_defaults_follow_spec():
     assert two_tower_config_from(clipa.get_config("variant=H/14,stage=finetune")).image.num_patches == 256
 
 
+@pytest.mark.parametrize("arg, pod", [
+    ("variant=B/16", True), ("variant=L/14", True), ("variant=H/14,stage=finetune", True),
+    ("variant=B/16,width=64,depth=2,heads=2", False), ("variant=S/16", False)])
+def test_named_pod_towers_compute_in_bfloat16_and_scan(arg, pod):
+    c = clipa.get_config(arg)
+    want = ("bfloat16" if pod else "float32", pod)
+    assert (c.model.image.dtype, c.model.image.scan) == want and c.model.text.dtype == want[0]
+
+
 def make_synth(tmp_path, vocab=True):
     from crate_jax.data.image_text import synth_scenes
     from crate_jax.text.tokenizer import build_vocab_file
