@@ -6,7 +6,8 @@
 
 Each run is one `python -m crate_jax.aot` process per recipe (libtpu, compile-only: the `aot` extra), whose
 JSON lands in `--out` (default `bench/plans/`, `<recipe>__<slice>.json` and `<recipe>__smallest-<gen>.json`);
-a recipe whose file exists is skipped, so an interrupted run resumes where it stopped. `--only a,b` limits
+a recipe whose file exists is skipped, so an interrupted run resumes where it stopped; `plan --add` compiles
+anyway and adds the new layouts to the file (another remat, say), ranked with the ones there. `--only a,b` limits
 the recipes. `smallest` starts each walk at the slice the recipe's plan predicts (its lowest-memory fitting
 layout's bytes scaled as 1/chips), so it needs the plan for a slice of the same generation first; without
 one it starts in the middle. A recipe's config string reads no data: the CLIPA recipes are given
@@ -98,7 +99,24 @@ def _start(out: str, recipe: str, generation: str) -> str | None:
     return None
 
 
-def run(mode: str, topology: str, out: str, only: list[str], more: list[str]) -> int:
+def _layout(row: dict) -> tuple:
+    return row["data"], row["fsdp"], row["tensor"], row["remat"], row["microbatches"]
+
+
+def merge(doc: dict, new: dict) -> dict:
+    """`doc`'s plan with `new`'s compiles added (a layout compiled again keeps the new row), ranked as `aot --plan`
+    ranks: fitting layouts first, by their bound."""
+    if (doc["topology"], doc["config"]) != (new["topology"], new["config"]):
+        raise ValueError(f"cannot merge a plan of {new['config']} on {new['topology']} into one of {doc['config']} "
+                         f"on {doc['topology']}")
+    rows = {_layout(r): r for r in doc["plan"]}
+    rows.update({_layout(r): r for r in new["plan"]})
+    ranked = sorted(rows.values(), key=lambda r: (not r["fits"], r["bound_s"] if r["fits"] and r["bound_s"] is not None
+                                                  else float("inf")))
+    return dict(doc, plan=ranked)
+
+
+def run(mode: str, topology: str, out: str, only: list[str], more: list[str], add: bool = False) -> int:
     from crate_jax.parallel.tpu_slices import parse
     target = parse(topology)
     os.makedirs(out, exist_ok=True)
@@ -113,11 +131,16 @@ def run(mode: str, topology: str, out: str, only: list[str], more: list[str]) ->
                 path = os.path.join(out, f"{recipe}__smallest-{target.generation}.json")
                 start = _start(out, recipe, target.generation)
                 args = ["--smallest"] + (["--smallest-start", start] if start else [])
-            if os.path.exists(path):
+            if os.path.exists(path) and not add:
                 continue
-            code = _aot(recipe, topology, args, path, vocab, more)
-            if not os.path.exists(path):
+            into = path if not os.path.exists(path) else os.path.join(tmp, os.path.basename(path))
+            code = _aot(recipe, topology, args, into, vocab, more)
+            if not os.path.exists(into):
                 failed.append(f"{recipe} (exit {code})")
+            elif into != path:  # --add: this run's layouts join the recipe's plan
+                merged = merge(json.load(open(path)), json.load(open(into)))
+                with open(path, "w") as f:
+                    json.dump(merged, f, indent=1)
     if failed:
         print(f"no result for: {', '.join(failed)}")
     return 1 if failed else 0
@@ -174,6 +197,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated recipe names (default: every recipe)")
     p.add_argument("--aot-args", default="", metavar="'ARGS'",
                    help="more arguments for each aot run, e.g. '--plan-remat full' to narrow a plan's search")
+    p.add_argument("--add", action="store_true",
+                   help="plan: compile even where the recipe's JSON exists and add these layouts to it (e.g. another "
+                        "remat: --add --aot-args '--plan-remat dots'); without it an existing file is skipped")
     args = p.parse_args(argv)
     only = [r for r in args.only.split(",") if r]
     unknown = sorted(set(only) - set(RECIPES))
@@ -182,7 +208,9 @@ def main(argv=None) -> int:
     if args.mode == "table":
         print(table(args.out))
         return 0
-    return run(args.mode, args.topology, args.out, only, args.aot_args.split())
+    if args.add and args.mode != "plan":
+        p.error("--add applies to plan (a smallest walk is one search, not a set of layouts)")
+    return run(args.mode, args.topology, args.out, only, args.aot_args.split(), args.add)
 
 
 if __name__ == "__main__":

@@ -75,3 +75,22 @@ def test_the_table_has_a_row_per_recipe_and_slice():
     text = plan_recipes.table(PLANS)
     for recipe in plan_recipes.RECIPES:
         assert f"| {recipe} | v5p-128 | **" in text, recipe
+
+
+def _row(data, fsdp, remat, bound, fits=True):
+    return dict(data=data, fsdp=fsdp, tensor=1, remat=remat, microbatches=1, name=f"{data}x{fsdp} {remat}", fits=fits,
+                total_bytes=1, hbm_bytes=2, bound_s=bound if fits else None, binding="memory", mfu=0.5, compile_s=1.0,
+                error=None)
+
+
+def test_plan_add_ranks_new_layouts_with_the_old_and_replaces_a_recompiled_one():
+    doc = dict(topology="v6e-256", config="c.py", plan=[_row(1, 256, "none", 0.034), _row(256, 1, "none", 0.042)])
+    new = dict(topology="v6e-256", config="c.py",
+               plan=[_row(1, 256, "dots", 0.033), _row(256, 1, "none", 0.040), _row(32, 8, "dots", None, fits=False)])
+    merged = plan_recipes.merge(doc, new)
+    assert [(r["data"], r["remat"], r["bound_s"]) for r in merged["plan"]] == [
+        (1, "dots", 0.033), (1, "none", 0.034), (256, "none", 0.040), (32, "dots", None)]
+    with pytest.raises(ValueError, match="cannot merge a plan of c.py on v5p-128"):
+        plan_recipes.merge(doc, dict(new, topology="v5p-128"))
+    with pytest.raises(SystemExit):
+        plan_recipes.main(["smallest", "--add"])
