@@ -104,15 +104,17 @@ def _layout(row: dict) -> tuple:
 
 
 def merge(doc: dict, new: dict) -> dict:
-    """`doc`'s plan with `new`'s compiles added (a layout compiled again keeps the new row), ranked as `aot --plan`
-    ranks: fitting layouts first, by their bound."""
+    """`doc`'s plan with `new`'s compiles added (a layout compiled again keeps the new row, fitting or not), ranked
+    as `aot --plan` ranks (`crate_jax.parallel.plan.rank`): fitting layouts first by their bound, then the rest by
+    how far over HBM they are."""
     if (doc["topology"], doc["config"]) != (new["topology"], new["config"]):
         raise ValueError(f"cannot merge a plan of {new['config']} on {new['topology']} into one of {doc['config']} "
                          f"on {doc['topology']}")
     rows = {_layout(r): r for r in doc["plan"]}
     rows.update({_layout(r): r for r in new["plan"]})
+    inf = float("inf")
     ranked = sorted(rows.values(), key=lambda r: (not r["fits"], r["bound_s"] if r["fits"] and r["bound_s"] is not None
-                                                  else float("inf")))
+                                                  else inf, r["total_bytes"] or inf))
     return dict(doc, plan=ranked)
 
 
@@ -138,9 +140,15 @@ def run(mode: str, topology: str, out: str, only: list[str], more: list[str], ad
             if not os.path.exists(into):
                 failed.append(f"{recipe} (exit {code})")
             elif into != path:  # --add: this run's layouts join the recipe's plan
-                merged = merge(json.load(open(path)), json.load(open(into)))
-                with open(path, "w") as f:
+                try:
+                    merged = merge(json.load(open(path)), json.load(open(into)))
+                except ValueError as e:
+                    print(f"error: {path}: {e}", flush=True)
+                    failed.append(f"{recipe} (not merged)")
+                    continue
+                with open(path + ".tmp", "w") as f:
                     json.dump(merged, f, indent=1)
+                os.replace(path + ".tmp", path)
     if failed:
         print(f"no result for: {', '.join(failed)}")
     return 1 if failed else 0

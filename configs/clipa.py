@@ -86,14 +86,15 @@ def get_config(arg: str = ""):
     c.txt_len = a.txt_len
     c.batch_size = a.batch
     c.total_steps = a.steps or stage["steps"]
-    tower = a.variant.split("/")[0] if a.width == 0 else ""
+    sized = bool(a.width or a.depth or a.heads)  # a tower sized by hand (the demo's, the tests'): no pod defaults
+    tower = "" if sized else a.variant.split("/")[0]
     big = tower in ("L", "H", "g", "G", "e")
-    # A pod-sized tower (B and up, no size override) computes in bfloat16 over float32 parameters and scans its
+    # A pod-sized tower (B and up, no width/depth/heads override) computes in bfloat16 over float32 parameters and scans its
     # blocks (one block compiled); the small towers of the demo and tests stay float32 and unrolled.
     pod = big or tower == "B"
     # The layout `aot --plan` ranked first on a v5p-128 (PLANNED); else ZeRO-3 over every device (fsdp=-1: it
     # also runs on one device) with full per-block remat for the big towers (docs/math.md §CLIPA).
-    planned = PLANNED.get((a.variant, a.stage)) if a.width == 0 else None
+    planned = None if sized else PLANNED.get((a.variant, a.stage))
     fsdp, remat = planned or (-1, "full" if big else "none")
     fsdp, remat = a.fsdp or fsdp, a.remat or remat
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1) if fsdp == -1 else dict(data=-1, fsdp=fsdp, tensor=1))

@@ -4,7 +4,7 @@
 #   launch/gpu_local.sh CONFIG WORKDIR [--config.KEY=VALUE ...]
 #   DRY_RUN=1 launch/gpu_local.sh CONFIG WORKDIR ...    # print the command, run nothing
 #
-# e.g. launch/gpu_local.sh 'configs/clipa.py:variant=B/16,stage=pretrain,res=84,txt_len=32,shards=/data/datacomp/{00000..00099}.tar,vocab=/data/vocab.txt' runs/clipa_b16
+# e.g. launch/gpu_local.sh 'configs/clipa.py:variant=B/16,stage=pretrain,fsdp=-1,remat=full,txt_len=32,shards=/data/datacomp/{00000..00099}.tar,vocab=/data/vocab.txt' runs/clipa_b16
 #
 # Uses <repo>/.venv/bin/python if it exists, else python3 (override with PYTHON). Choose GPUs
 # with CUDA_VISIBLE_DEVICES. No jax.distributed set-up is needed for one process; the SLURM task

@@ -249,11 +249,13 @@ def test_recipe_defaults_follow_spec():
 
 @pytest.mark.parametrize("arg, pod", [
     ("variant=B/16", True), ("variant=L/14", True), ("variant=H/14,stage=finetune", True),
-    ("variant=B/16,width=64,depth=2,heads=2", False), ("variant=S/16", False)])
+    ("variant=B/16,width=64,depth=2,heads=2", False), ("variant=B/16,depth=2", False), ("variant=S/16", False)])
 def test_named_pod_towers_compute_in_bfloat16_and_scan(arg, pod):
     c = clipa.get_config(arg)
     want = ("bfloat16" if pod else "float32", pod)
     assert (c.model.image.dtype, c.model.image.scan) == want and c.model.text.dtype == want[0]
+    if not pod:  # a hand-sized tower gets no pod layout: every device on fsdp, no remat
+        assert (c.mesh.fsdp, c.model.image.remat) == (-1, "none")
 
 
 def make_synth(tmp_path, vocab=True):
