@@ -95,3 +95,22 @@ def test_plan_add_ranks_new_layouts_with_the_old_and_replaces_a_recompiled_one()
         plan_recipes.merge(doc, dict(new, topology="v5p-128"))
     with pytest.raises(SystemExit):
         plan_recipes.main(["smallest", "--add"])
+
+
+def test_plan_add_merges_a_run_into_the_recipe_s_file_and_reports_one_it_cannot(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "in21k_B16__v6e-256.json"
+    path.write_text(json.dumps(dict(topology="v6e-256", config="c.py", plan=[_row(1, 256, "none", 0.034)])))
+
+    def fake_aot(recipe, topology, mode, out, vocab, more, topo="v6e-256"):
+        with open(out, "w") as f:
+            json.dump(dict(topology=topo, config="c.py", plan=[_row(1, 256, "dots", 0.033)]), f)
+        return 0
+
+    monkeypatch.setattr(plan_recipes, "_aot", fake_aot)
+    assert plan_recipes.run("plan", "v6e-256", str(tmp_path), ["in21k_B16"], [], add=False) == 0
+    assert len(json.loads(path.read_text())["plan"]) == 1  # without --add an existing plan is kept as it is
+    assert plan_recipes.run("plan", "v6e-256", str(tmp_path), ["in21k_B16"], [], add=True) == 0
+    assert [r["remat"] for r in json.loads(path.read_text())["plan"]] == ["dots", "none"]
+    monkeypatch.setattr(plan_recipes, "_aot", lambda *a: fake_aot(*a, topo="v5p-128"))
+    assert plan_recipes.run("plan", "v6e-256", str(tmp_path), ["in21k_B16"], [], add=True) == 1
+    assert "error:" in capsys.readouterr().out and len(json.loads(path.read_text())["plan"]) == 2
