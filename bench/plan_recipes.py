@@ -110,12 +110,10 @@ def merge(doc: dict, new: dict) -> dict:
     if (doc["topology"], doc["config"]) != (new["topology"], new["config"]):
         raise ValueError(f"cannot merge a plan of {new['config']} on {new['topology']} into one of {doc['config']} "
                          f"on {doc['topology']}")
+    from crate_jax.parallel.plan import rank_key
     rows = {_layout(r): r for r in doc["plan"]}
     rows.update({_layout(r): r for r in new["plan"]})
-    inf = float("inf")
-    ranked = sorted(rows.values(), key=lambda r: (not r["fits"], r["bound_s"] if r["fits"] and r["bound_s"] is not None
-                                                  else inf, r["total_bytes"] or inf))
-    return dict(doc, plan=ranked)
+    return dict(doc, plan=sorted(rows.values(), key=lambda r: rank_key(r["fits"], r["bound_s"], r["total_bytes"])))
 
 
 def run(mode: str, topology: str, out: str, only: list[str], more: list[str], add: bool = False) -> int:

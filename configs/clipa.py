@@ -89,8 +89,8 @@ def get_config(arg: str = ""):
     sized = bool(a.width or a.depth or a.heads)  # a tower sized by hand (the demo's, the tests'): no pod defaults
     tower = "" if sized else a.variant.split("/")[0]
     big = tower in ("L", "H", "g", "G", "e")
-    # A pod-sized tower (B and up, no width/depth/heads override) computes in bfloat16 over float32 parameters and scans its
-    # blocks (one block compiled); the small towers of the demo and tests stay float32 and unrolled.
+    # A pod-sized tower (B and up, no width/depth/heads override) computes in bfloat16 over float32 parameters and
+    # scans its blocks (one block compiled); the small towers of the demo and tests stay float32 and unrolled.
     pod = big or tower == "B"
     # The layout `aot --plan` ranked first on a v5p-128 (PLANNED); else ZeRO-3 over every device (fsdp=-1: it
     # also runs on one device) with full per-block remat for the big towers (docs/math.md §CLIPA).

@@ -87,7 +87,8 @@ def test_plan_add_ranks_new_layouts_with_the_old_and_replaces_a_recompiled_one()
     doc = dict(topology="v6e-256", config="c.py", plan=[_row(1, 256, "none", 0.034), _row(256, 1, "none", 0.042)])
     over = [_row(32, 8, "dots", None, fits=False), _row(32, 8, "full", None, fits=False)]
     over[0]["total_bytes"], over[1]["total_bytes"] = 300, 200
-    new = dict(topology="v6e-256", config="c.py", plan=[_row(1, 256, "dots", 0.033), _row(256, 1, "none", 0.040)] + over)
+    new = dict(topology="v6e-256", config="c.py",
+               plan=[_row(1, 256, "dots", 0.033), _row(256, 1, "none", 0.040)] + over)
     merged = plan_recipes.merge(doc, new)
     assert [(r["data"], r["remat"], r["bound_s"]) for r in merged["plan"]] == [
         (1, "dots", 0.033), (1, "none", 0.034), (256, "none", 0.040), (32, "full", None), (32, "dots", None)]

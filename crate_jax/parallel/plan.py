@@ -125,10 +125,14 @@ def search(compile_one: Callable[[Layout], Measured], split_list: Iterable[Layou
     return rank(results)
 
 
-def rank(results: list[Measured]) -> list[Measured]:
+def rank_key(fits: bool, bound_s: float | None, total_bytes: int | None) -> tuple:
     """Fitting layouts first, fastest bound first; then the rest by how far over HBM they are."""
-    return sorted(results, key=lambda m: (not m.fits, m.bound_s if m.fits and m.bound_s is not None else math.inf,
-                                          m.total_bytes or math.inf))
+    return not fits, bound_s if fits and bound_s is not None else math.inf, total_bytes or math.inf
+
+
+def rank(results: list[Measured]) -> list[Measured]:
+    """`results` in `rank_key` order (also the order of a plan's JSON rows)."""
+    return sorted(results, key=lambda m: rank_key(m.fits, m.bound_s, m.total_bytes))
 
 
 def line(m: Measured) -> str:
